@@ -1,0 +1,84 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from watchdog_kv import config
+from watchdog_kv.config import ConfigError, load
+
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
+
+
+def test_defaults_when_nothing_is_set():
+    s = load({})
+    assert s.enabled is True
+    assert s.log_level == "info"
+    assert s.log_format == "auto"
+    assert s.server is None
+    assert s.prefill_timeout_s == 120.0
+    assert s.decode_idle_timeout_s == 120.0
+    assert s.state_dir.name.startswith("watchdog_kv-")
+
+
+@pytest.mark.parametrize("raw,expected", [("0", False), ("off", False), ("FALSE", False),
+                                          ("1", True), (" yes ", True), ("On", True)])
+def test_boolean_spellings(raw, expected):
+    assert load({"WATCHDOG_KV_ENABLED": raw}).enabled is expected
+
+
+@pytest.mark.parametrize("name,raw,accepted", [
+    ("WATCHDOG_KV_ENABLED", "maybe", "1, 0, true, false"),
+    ("WATCHDOG_KV_ENABLED", "", "1, 0, true, false"),
+    ("WATCHDOG_KV_LOG_LEVEL", "loud", "debug, info, warning, error"),
+    ("WATCHDOG_KV_LOG_FORMAT", "xml", "auto, json, console"),
+    ("WATCHDOG_KV_PREFILL_TIMEOUT", "-3", "greater than 0"),
+    ("WATCHDOG_KV_PREFILL_TIMEOUT", "nan", "greater than 0"),
+    ("WATCHDOG_KV_DECODE_IDLE_TIMEOUT", "10s", "number of seconds"),
+    ("WATCHDOG_KV_SERVER", "a b", "letters, digits"),
+    ("WATCHDOG_KV_STATE_DIR", "  ", "directory path"),
+])
+def test_bad_value_names_the_variable_and_what_is_accepted(name, raw, accepted):
+    with pytest.raises(ConfigError) as err:
+        load({name: raw})
+    message = str(err.value)
+    assert name in message
+    assert repr(raw) in message
+    assert accepted in message
+
+
+def test_unknown_variable_is_rejected_with_a_suggestion():
+    with pytest.raises(ConfigError) as err:
+        load({"WATCHDOG_KV_ENABLD": "1"})
+    message = str(err.value)
+    assert "WATCHDOG_KV_ENABLD is not a watchdog_kv setting" in message
+    assert "Did you mean WATCHDOG_KV_ENABLED?" in message
+
+
+def test_other_prefixes_are_ignored():
+    assert load({"WATCHDOG_KVX": "1", "VLLM_PLUGINS": "x", "OTEL_SERVICE_NAME": "s"}).enabled
+
+
+def test_units_and_types():
+    s = load({"WATCHDOG_KV_PREFILL_TIMEOUT": "2.5", "WATCHDOG_KV_STATE_DIR": "~/x"})
+    assert s.prefill_timeout_s == 2.5
+    assert s.state_dir == Path("~/x").expanduser()
+
+
+def test_every_field_has_exactly_one_variable():
+    attrs = [v.attr for v in config.VARIABLES]
+    assert sorted(attrs) == sorted(config.Settings.__dataclass_fields__)
+    assert len({v.name for v in config.VARIABLES}) == len(config.VARIABLES)
+    assert all(v.name.startswith(config.PREFIX) for v in config.VARIABLES)
+
+
+def test_docs_table_is_the_one_the_code_generates():
+    """docs/configuration.md must carry exactly the table built from VARIABLES."""
+    text = DOCS.read_text()
+    assert config.markdown_table() in text, (
+        "docs/configuration.md is out of step with watchdog_kv/config.py: "
+        "regenerate the table with `watchdog-kv config --markdown`"
+    )
+    documented = {line.split("`")[1] for line in text.splitlines()
+                  if line.startswith("| `WATCHDOG_KV_")}
+    assert documented == {v.name for v in config.VARIABLES}

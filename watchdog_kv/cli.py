@@ -1,0 +1,222 @@
+"""``watchdog-kv`` (also ``python -m watchdog_kv``): the operator's command line.
+
+Commands:
+
+``serve``   start supervised prefill + decode vLLM servers and the router
+``demo``    the same, then prove the hand-off on real requests, then stop
+``model``   build (once) or locate the embedded tiny model
+``config``  validate ``WATCHDOG_KV_*`` and print the settings (``--markdown``: the docs table)
+``doctor``  check the vLLM CPU install; ``--fix`` removes packages that break it
+
+Exit codes: 0 success, 1 failure (the message says what), 2 bad usage or bad
+configuration, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from watchdog_kv import config
+from watchdog_kv.telemetry import bind_process, configure
+
+__all__ = ["main"]
+
+EXIT_USAGE = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="watchdog-kv",
+        description="Fault tolerance and hang detection for vLLM V1 prefill/decode serving.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def service_args(p: argparse.ArgumentParser, default_port: int | None) -> None:
+        p.add_argument(
+            "--model",
+            type=Path,
+            default=None,
+            help="local model directory (default: the embedded tiny model, built on first use)",
+        )
+        p.add_argument(
+            "--served-model-name",
+            default=None,
+            help="model name clients send (default: the model directory's name)",
+        )
+        p.add_argument(
+            "--host",
+            default="127.0.0.1",
+            help="address the router and vLLM servers bind (default 127.0.0.1)",
+        )
+        p.add_argument(
+            "--port",
+            type=int,
+            default=default_port,
+            help="router port"
+            + (f" (default {default_port})" if default_port else " (default: a free port)"),
+        )
+        p.add_argument(
+            "--prefill-port",
+            type=int,
+            default=None,
+            help="prefill server HTTP port (default: a free port)",
+        )
+        p.add_argument(
+            "--decode-port",
+            type=int,
+            default=None,
+            help="decode server HTTP port (default: a free port)",
+        )
+        p.add_argument(
+            "--startup-timeout",
+            type=float,
+            default=300.0,
+            metavar="SECONDS",
+            help="longest wait for each vLLM server to become healthy (default 300)",
+        )
+        p.add_argument(
+            "--max-model-len",
+            type=int,
+            default=512,
+            help="vLLM --max-model-len for both servers (default 512)",
+        )
+        p.add_argument(
+            "--vllm-arg",
+            action="append",
+            default=[],
+            metavar="ARG",
+            help="extra argument passed to both vLLM servers, repeatable "
+            "(e.g. --vllm-arg=--max-num-seqs=8)",
+        )
+        p.add_argument(
+            "--run-dir",
+            type=Path,
+            default=None,
+            help="where logs and status records go (default: a new directory "
+            "under WATCHDOG_KV_STATE_DIR)",
+        )
+
+    service_args(
+        sub.add_parser(
+            "serve", help="run supervised prefill/decode vLLM and the router until SIGINT/SIGTERM"
+        ),
+        8000,
+    )
+    demo = sub.add_parser("demo", help="serve, send requests, compare with local answers, stop")
+    service_args(demo, None)
+
+    model = sub.add_parser("model", help="the embedded tiny model")
+    model_sub = model.add_subparsers(dest="model_command", required=True)
+    build = model_sub.add_parser("build", help="build it into the cache (once) and print its path")
+    build.add_argument("--force", action="store_true", help="rebuild even if present")
+    model_sub.add_parser("path", help="print where it is (or would be) built")
+
+    cfg = sub.add_parser("config", help="validate WATCHDOG_KV_* and print the settings")
+    cfg.add_argument("--markdown", action="store_true",
+                     help="print the table of every variable (docs/configuration.md)")
+
+    doctor = sub.add_parser("doctor", help="check the vLLM CPU install")
+    doctor.add_argument(
+        "--fix",
+        action="store_true",
+        help="uninstall packages that are installed but fail to import",
+    )
+    return parser
+
+
+def _resolve_model(args: argparse.Namespace, settings: config.Settings) -> tuple[Path, str]:
+    from watchdog_kv import model as embedded
+
+    if args.model is None:
+        path = embedded.build(settings.cache_dir)
+        return path, args.served_model_name or "watchdog-kv-tiny"
+    path = embedded.validate_model_dir(args.model)
+    return path, args.served_model_name or path.name
+
+
+def _service(args: argparse.Namespace, settings: config.Settings, demo: bool) -> int:
+    from watchdog_kv import model as embedded
+    from watchdog_kv.supervisor import PortInUseError, ServeOptions, run_service
+    from watchdog_kv.supervisor.ports import free_port
+
+    try:
+        model_path, served = _resolve_model(args, settings)
+    except embedded.InvalidModelError as exc:
+        print(f"watchdog-kv: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    port = args.port if args.port is not None else free_port(args.host, set())
+    options = ServeOptions(
+        model=model_path,
+        served_model_name=served,
+        host=args.host,
+        port=port,
+        prefill_port=args.prefill_port,
+        decode_port=args.decode_port,
+        startup_timeout_s=args.startup_timeout,
+        max_model_len=args.max_model_len,
+        vllm_args=tuple(args.vllm_arg),
+        run_dir=args.run_dir,
+    )
+    on_ready = None
+    if demo:
+        from watchdog_kv.demo import run_demo
+
+        on_ready = run_demo
+    try:
+        return asyncio.run(run_service(options, settings, on_ready=on_ready))
+    except PortInUseError as exc:
+        print(f"watchdog-kv: {exc}", file=sys.stderr)
+        return 1
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    from watchdog_kv import doctor
+
+    findings = doctor.check()
+    if args.fix:
+        removed = doctor.fix(findings)
+        if removed:
+            print(f"removed broken packages: {', '.join(removed)}")
+            findings = doctor.check()
+    for f in findings:
+        print(f"{'ok ' if f.ok else 'BAD'}  {f.name:<12} {f.detail}")
+    return 0 if all(f.ok for f in findings) else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        settings = config.load()
+    except config.ConfigError as exc:
+        print(f"watchdog-kv: configuration error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    configure(settings.log_level, settings.log_format)
+    bind_process(role="supervisor")
+    if args.command in ("serve", "demo"):
+        return _service(args, settings, demo=args.command == "demo")
+    if args.command == "model":
+        from watchdog_kv import model as embedded
+
+        if args.model_command == "build":
+            print(embedded.build(settings.cache_dir, force=args.force))
+        else:
+            print(embedded.default_model_path(settings.cache_dir))
+        return 0
+    if args.command == "doctor":
+        return _doctor(args)
+    if args.command == "config":
+        if args.markdown:
+            print(config.markdown_table(), end="")
+        else:
+            for var in config.VARIABLES:
+                print(f"{var.name}={getattr(settings, var.attr)}")
+        return 0
+    raise AssertionError(args.command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

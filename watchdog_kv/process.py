@@ -1,0 +1,120 @@
+"""Which vLLM process are we in, and the status record each one publishes.
+
+vLLM V1 runs one server as several processes, and loads the
+``vllm.general_plugins`` entry point in each:
+
+========================  ===========================  ===================
+process                   multiprocessing name         role
+========================  ===========================  ===================
+OpenAI API server         ``MainProcess``              ``api_server``
+offline ``LLM(...)``      ``MainProcess``              ``frontend``
+extra API servers         ``ApiServer_<n>``            ``api_server``
+engine core               ``EngineCore[_DP<r>]``       ``engine_core``
+worker (mp executor)      ``VllmWorker-<r>``           ``worker``
+========================  ===========================  ===================
+
+On CPU, vLLM always uses the multiprocess executor, so a server is three
+processes even at tensor-parallel size 1.
+
+Each registered process writes ``<state_dir>/procs/<pid>.json`` (atomically, by
+rename) so that tests, the supervisor and operators can see which processes have
+watchdog_kv loaded without asking the process itself.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import re
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["ProcessIdentity", "detect", "read_records", "write_record"]
+
+_ENGINE = re.compile(r"^EngineCore(?:_DP(?P<rank>\d+))?$")
+_WORKER = re.compile(r"^VllmWorker-(?P<rank>\d+)$")
+_API = re.compile(r"^ApiServer_(?P<rank>\d+)$")
+
+
+@dataclass(frozen=True)
+class ProcessIdentity:
+    role: str
+    rank: int | None
+    process_name: str
+
+
+def _main_module() -> str:
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    return getattr(spec, "name", "") or ""
+
+
+def detect() -> ProcessIdentity:
+    """Tell the role of this process from what vLLM names it."""
+    name = multiprocessing.current_process().name
+    if m := _ENGINE.match(name):
+        return ProcessIdentity("engine_core", int(m["rank"] or 0), name)
+    if m := _WORKER.match(name):
+        return ProcessIdentity("worker", int(m["rank"]), name)
+    if m := _API.match(name):
+        return ProcessIdentity("api_server", int(m["rank"]), name)
+    if name == "MainProcess":
+        serving = "vllm.entrypoints.openai.api_server" in sys.modules
+        if _main_module().startswith("vllm.entrypoints") or serving:
+            return ProcessIdentity("api_server", None, name)
+        return ProcessIdentity("frontend", None, name)
+    return ProcessIdentity("other", None, name)
+
+
+@dataclass
+class StatusRecord:
+    pid: int
+    ppid: int
+    role: str
+    rank: int | None
+    process_name: str
+    server: str | None
+    hooks: list[str] = field(default_factory=list)
+    registered_at: float = field(default_factory=time.time)
+    vllm_version: str | None = None
+    watchdog_kv_version: str | None = None
+
+
+def write_record(state_dir: Path, record: StatusRecord) -> Path:
+    procs = state_dir / "procs"
+    procs.mkdir(parents=True, exist_ok=True)
+    path = procs / f"{record.pid}.json"
+    tmp = procs / f".{record.pid}.json.tmp"
+    tmp.write_text(json.dumps(asdict(record), indent=1) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def read_records(state_dir: Path) -> list[dict[str, Any]]:
+    """Every status record under ``state_dir``, each with ``alive`` added."""
+    out: list[dict[str, Any]] = []
+    procs = state_dir / "procs"
+    if not procs.is_dir():
+        return out
+    for path in sorted(procs.glob("*.json")):
+        try:
+            rec = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue  # a record being replaced, or a foreign file
+        rec["alive"] = _alive(int(rec.get("pid", -1)))
+        out.append(rec)
+    return out

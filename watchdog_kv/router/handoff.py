@@ -1,0 +1,247 @@
+"""The prefill -> decode hand-off for one OpenAI request.
+
+1. The request goes to the prefill server with ``max_tokens: 1``, no streaming,
+   and ``kv_transfer_params: {"do_remote_decode": true}``. vLLM computes the
+   prompt's KV, keeps the blocks under a lease, and answers with the
+   ``kv_transfer_params`` a decode needs to pull them (engine id, block ids,
+   host, port).
+2. The original request, with those params added, goes to the decode server,
+   which pulls the KV over NIXL instead of computing it, and generates. Its
+   answer (streamed or not) is relayed to the client unchanged.
+
+Every wait is bounded: the prefill call by ``WATCHDOG_KV_PREFILL_TIMEOUT``, the
+decode by ``WATCHDOG_KV_DECODE_IDLE_TIMEOUT`` of silence. A failure is an
+OpenAI-shaped error naming the server and the cause; a 4xx from vLLM (a bad
+request) is passed through to the client as it is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from watchdog_kv.telemetry import get_logger
+
+__all__ = ["Backend", "HandoffError", "prefill_body", "validate_body"]
+
+_log = get_logger("watchdog_kv.router")
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    url: str
+
+
+class HandoffError(Exception):
+    """A request that cannot be served; becomes an OpenAI-style error response."""
+
+    def __init__(self, status: int, message: str, kind: str, **fields: Any) -> None:
+        super().__init__(message)
+        self.status, self.message, self.kind, self.fields = status, message, kind, fields
+
+    def response(self) -> web.Response:
+        return error_response(self.status, self.message, self.kind)
+
+
+def error_response(status: int, message: str, kind: str) -> web.Response:
+    body = {"error": {"message": message, "type": kind, "code": status}}
+    return web.json_response(body, status=status)
+
+
+def validate_body(raw: bytes) -> dict[str, Any]:
+    """Parse a request body; malformed input is a 400 naming what is wrong."""
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise HandoffError(
+            400, f"request body is not valid JSON: {exc}", "invalid_request_error"
+        ) from None
+    if not isinstance(body, dict):
+        raise HandoffError(400, "request body must be a JSON object", "invalid_request_error")
+    if "stream" in body and not isinstance(body["stream"], bool):
+        raise HandoffError(400, "'stream' must be true or false", "invalid_request_error")
+    for key in ("max_tokens", "max_completion_tokens"):
+        value = body.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise HandoffError(400, f"'{key}' must be an integer", "invalid_request_error")
+    if "kv_transfer_params" in body:
+        raise HandoffError(
+            400,
+            "'kv_transfer_params' is set by the router, not by clients",
+            "invalid_request_error",
+        )
+    return body
+
+
+def prefill_body(body: dict[str, Any]) -> dict[str, Any]:
+    """The request as sent to the prefill server: one token, no stream, remote decode."""
+    out = dict(body)
+    out["kv_transfer_params"] = {"do_remote_decode": True, "do_remote_prefill": False}
+    out["stream"] = False
+    out["max_tokens"] = 1
+    if "max_completion_tokens" in out:
+        out["max_completion_tokens"] = 1
+    for key in ("stream_options", "min_tokens", "min_completion_tokens"):
+        out.pop(key, None)
+    return out
+
+
+async def _relay_error(resp: aiohttp.ClientResponse, backend: Backend) -> HandoffError:
+    text = await resp.text()
+    try:
+        detail = json.loads(text).get("error", {}).get("message") or text
+    except (ValueError, AttributeError):
+        detail = text
+    if 400 <= resp.status < 500:
+        # vLLM rejected the request itself: the client's mistake, passed through.
+        return HandoffError(resp.status, str(detail), "invalid_request_error")
+    return HandoffError(
+        502,
+        f"{backend.name} answered {resp.status}: {detail}",
+        "upstream_error",
+        server=backend.name,
+    )
+
+
+async def run_prefill(
+    http: aiohttp.ClientSession,
+    backend: Backend,
+    path: str,
+    body: dict[str, Any],
+    request_id: str,
+    timeout_s: float,
+) -> dict[str, Any]:
+    """Ask the prefill server for the KV; return the ``kv_transfer_params`` it gives."""
+    try:
+        async with http.post(
+            f"{backend.url}{path}",
+            json=prefill_body(body),
+            headers={"X-Request-Id": request_id},
+            timeout=aiohttp.ClientTimeout(total=timeout_s),
+        ) as resp:
+            if resp.status != 200:
+                raise await _relay_error(resp, backend)
+            data = await resp.json()
+    except TimeoutError:
+        raise HandoffError(
+            504,
+            f"prefill server {backend.name} did not answer within {timeout_s:g} s",
+            "prefill_timeout",
+            server=backend.name,
+        ) from None
+    except aiohttp.ClientError as exc:
+        raise HandoffError(
+            502,
+            f"prefill server {backend.name} is unreachable: {exc}",
+            "prefill_unreachable",
+            server=backend.name,
+        ) from None
+    params = data.get("kv_transfer_params") if isinstance(data, dict) else None
+    if not isinstance(params, dict) or not params.get("remote_engine_id"):
+        raise HandoffError(
+            502,
+            f"prefill server {backend.name} returned no kv_transfer_params "
+            "(is it running with a KV connector?)",
+            "prefill_bad_answer",
+            server=backend.name,
+        )
+    return params
+
+
+async def run_decode(
+    request: web.Request,
+    http: aiohttp.ClientSession,
+    backend: Backend,
+    path: str,
+    body: dict[str, Any],
+    request_id: str,
+    idle_timeout_s: float,
+) -> web.StreamResponse:
+    """Send the request with its KV params to the decode server; relay the answer."""
+    timeout = aiohttp.ClientTimeout(
+        total=None, sock_connect=idle_timeout_s, sock_read=idle_timeout_s
+    )
+    stream = bool(body.get("stream"))
+    try:
+        upstream = await http.post(
+            f"{backend.url}{path}", json=body, headers={"X-Request-Id": request_id}, timeout=timeout
+        )
+    except TimeoutError:
+        raise HandoffError(
+            504,
+            f"decode server {backend.name} did not answer within {idle_timeout_s:g} s",
+            "decode_timeout",
+            server=backend.name,
+        ) from None
+    except aiohttp.ClientError as exc:
+        raise HandoffError(
+            502,
+            f"decode server {backend.name} is unreachable: {exc}",
+            "decode_unreachable",
+            server=backend.name,
+        ) from None
+    async with upstream:
+        if upstream.status != 200:
+            raise await _relay_error(upstream, backend)
+        if not stream:
+            try:
+                payload = await upstream.read()
+            except TimeoutError:
+                raise HandoffError(
+                    504,
+                    f"decode server {backend.name} went silent for {idle_timeout_s:g} s",
+                    "decode_timeout",
+                    server=backend.name,
+                ) from None
+            except aiohttp.ClientError as exc:
+                raise HandoffError(
+                    502,
+                    f"decode server {backend.name} failed mid-answer: {exc}",
+                    "decode_failed",
+                    server=backend.name,
+                ) from None
+            return web.Response(
+                body=payload, status=200, content_type=upstream.content_type or "application/json"
+            )
+        response = web.StreamResponse(
+            status=200,
+            headers={
+                "Content-Type": upstream.headers.get("Content-Type", "text/event-stream"),
+                "Cache-Control": "no-cache",
+                "X-Request-Id": request_id,
+            },
+        )
+        await response.prepare(request)
+        try:
+            async for chunk in upstream.content.iter_any():
+                try:
+                    await response.write(chunk)
+                except ConnectionResetError:
+                    # The client went away. Leaving this block closes the upstream
+                    # request, which makes vLLM abort it.
+                    _log.info("request.client_gone", request_id=request_id, server=backend.name)
+                    return response
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            # Headers are gone already: end the stream with an error event.
+            cause = (
+                f"went silent for {idle_timeout_s:g} s"
+                if isinstance(exc, asyncio.TimeoutError)
+                else f"failed mid-stream: {exc}"
+            )
+            message = f"decode server {backend.name} {cause}"
+            _log.error(
+                "request.stream_failed", request_id=request_id, server=backend.name, cause=cause
+            )
+            event = {"error": {"message": message, "type": "decode_failed", "code": 502}}
+            with contextlib.suppress(ConnectionResetError):
+                await response.write(f"data: {json.dumps(event)}\n\n".encode())
+        with contextlib.suppress(ConnectionResetError):
+            await response.write_eof()
+        return response

@@ -1,0 +1,21 @@
+"""The supervisor: launches stock vLLM servers and the router, watches, stops them."""
+
+from watchdog_kv.supervisor.core import (
+    ServeOptions,
+    ServerExitedError,
+    ServerStartTimeout,
+    StartupError,
+    Supervisor,
+)
+from watchdog_kv.supervisor.ports import PortInUseError
+from watchdog_kv.supervisor.service import run_service
+
+__all__ = [
+    "PortInUseError",
+    "ServeOptions",
+    "ServerExitedError",
+    "ServerStartTimeout",
+    "StartupError",
+    "Supervisor",
+    "run_service",
+]

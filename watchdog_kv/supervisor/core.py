@@ -1,0 +1,278 @@
+"""The supervisor: starts stock vLLM prefill and decode servers, watches, stops them.
+
+Start-up is bounded: each server must answer ``GET /health`` with 200 within
+``startup_timeout_s``. A server whose process exits first, or that is not
+healthy in time, is a :class:`StartupError` naming it with its last log lines,
+and every process already started is stopped before the error is raised.
+
+Once running, :meth:`Supervisor.wait_for_exit` returns the first server that
+exits on its own. Restarting it is the job of a later version; for now the
+caller shuts everything down and reports.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from watchdog_kv import process as procrecords
+from watchdog_kv.config import Settings
+from watchdog_kv.router.handoff import Backend
+from watchdog_kv.supervisor import ports
+from watchdog_kv.supervisor.process import ManagedProcess
+from watchdog_kv.supervisor.progress import StartupProgress
+from watchdog_kv.supervisor.servers import ServerSpec
+from watchdog_kv.telemetry import get_logger
+
+__all__ = [
+    "ServeOptions",
+    "ServerExitedError",
+    "ServerStartTimeout",
+    "StartupError",
+    "Supervisor",
+]
+
+_log = get_logger("watchdog_kv.supervisor")
+
+
+class StartupError(RuntimeError):
+    """The service could not be brought up; the message says why."""
+
+
+class ServerExitedError(StartupError):
+    def __init__(self, name: str, code: int | None, tail: list[str], log_path: Path):
+        lines = "\n".join(f"    {ln}" for ln in tail) or "    (no output)"
+        super().__init__(
+            f"vLLM server {name} exited with code {code}; last log lines ({log_path}):\n{lines}"
+        )
+        self.name, self.code, self.tail = name, code, tail
+
+
+class ServerStartTimeout(StartupError):
+    def __init__(self, name: str, timeout_s: float, tail: list[str], log_path: Path):
+        lines = "\n".join(f"    {ln}" for ln in tail) or "    (no output)"
+        super().__init__(
+            f"vLLM server {name} was not healthy within {timeout_s:g} s; last log lines "
+            f"({log_path}):\n{lines}"
+        )
+        self.name, self.tail = name, tail
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    model: Path
+    served_model_name: str
+    host: str = "127.0.0.1"
+    port: int = 8000
+    prefill_port: int | None = None
+    decode_port: int | None = None
+    startup_timeout_s: float = 300.0
+    stop_grace_s: float = 20.0
+    max_model_len: int = 512
+    vllm_args: tuple[str, ...] = ()
+    run_dir: Path | None = None
+
+
+@dataclass
+class _Server:
+    spec: ServerSpec
+    proc: ManagedProcess
+    state: str = "waiting"
+    started_at: float = 0.0
+    ready_after_s: float | None = None
+    exit_code: int | None = None
+
+
+class Supervisor:
+    def __init__(self, options: ServeOptions, settings: Settings) -> None:
+        self.options = options
+        self.settings = settings
+        self.run_dir = options.run_dir or _new_run_dir(settings.state_dir)
+        self.servers: dict[str, _Server] = {}
+        self._stopping = False
+
+    # -- planning -----------------------------------------------------------------
+    def plan(self) -> list[ServerSpec]:
+        """Check ports and build the server specs; raises before anything starts."""
+        opts = self.options
+        taken = {opts.port}
+        specs: list[ServerSpec] = []
+        cores = sorted(os.sched_getaffinity(0))
+        for index, (role, fixed) in enumerate(
+            (("prefill", opts.prefill_port), ("decode", opts.decode_port))
+        ):
+            name = f"{role}-0"
+            if fixed is not None:
+                ports.check_free(opts.host, fixed, f"{name} HTTP")
+                taken.add(fixed)
+                port = fixed
+            else:
+                port = ports.free_port(opts.host, taken)
+            side = ports.free_port(opts.host, taken)
+            specs.append(
+                ServerSpec(
+                    name=name,
+                    role=role,
+                    model=opts.model,
+                    served_model_name=opts.served_model_name,
+                    host=opts.host,
+                    port=port,
+                    side_channel_port=side,
+                    max_model_len=opts.max_model_len,
+                    extra_args=opts.vllm_args,
+                    cpu_bind=str(cores[index % len(cores)]),
+                )
+            )
+        return specs
+
+    # -- lifecycle ------------------------------------------------------------------
+    async def start(self, specs: list[ServerSpec], *, live: bool | None = None) -> None:
+        """Start every server and wait until all are healthy (or raise StartupError)."""
+        (self.run_dir / "logs").mkdir(parents=True, exist_ok=True)
+        for spec in specs:
+            proc = ManagedProcess(
+                spec.name,
+                spec.argv(),
+                spec.env(os.environ, self.run_dir),
+                self.run_dir / "logs" / f"{spec.name}.log",
+            )
+            self.servers[spec.name] = _Server(spec, proc)
+        _log.info(
+            "supervisor.starting",
+            run_dir=str(self.run_dir),
+            servers={s.name: s.url for s in specs},
+            model=str(self.options.model),
+        )
+        with StartupProgress(list(self.servers), live=live) as progress:
+            for srv in self.servers.values():
+                srv.proc.start()
+                srv.started_at = time.monotonic()
+                srv.state = "starting"
+                progress.update(srv.spec.name, "starting")
+                _log.info(
+                    "server.spawned",
+                    server=srv.spec.name,
+                    pid=srv.proc.pid,
+                    url=srv.spec.url,
+                    log=str(srv.proc.log_path),
+                )
+            async with aiohttp.ClientSession() as http:
+                await asyncio.gather(
+                    *(self._wait_ready(http, s, progress) for s in self.servers.values())
+                )
+
+    async def _wait_ready(
+        self, http: aiohttp.ClientSession, srv: _Server, progress: StartupProgress
+    ) -> None:
+        deadline = srv.started_at + self.options.startup_timeout_s
+        url = f"{srv.spec.url}/health"
+        while True:
+            code = srv.proc.poll()
+            tail = srv.proc.tail(1)
+            if code is not None:
+                srv.state, srv.exit_code = "failed", code
+                progress.update(srv.spec.name, "failed", tail[-1] if tail else "")
+                raise ServerExitedError(srv.spec.name, code, srv.proc.tail(25), srv.proc.log_path)
+            try:
+                async with http.get(url, timeout=aiohttp.ClientTimeout(total=2)) as resp:
+                    if resp.status == 200:
+                        srv.state = "ready"
+                        srv.ready_after_s = time.monotonic() - srv.started_at
+                        progress.update(srv.spec.name, "ready", tail[-1] if tail else "")
+                        _log.info(
+                            "server.ready",
+                            server=srv.spec.name,
+                            after_s=round(srv.ready_after_s, 1),
+                        )
+                        return
+            except (TimeoutError, aiohttp.ClientError):
+                pass
+            if time.monotonic() >= deadline:
+                srv.state = "failed"
+                progress.update(srv.spec.name, "failed", tail[-1] if tail else "")
+                raise ServerStartTimeout(
+                    srv.spec.name,
+                    self.options.startup_timeout_s,
+                    srv.proc.tail(25),
+                    srv.proc.log_path,
+                )
+            progress.update(srv.spec.name, "starting", tail[-1] if tail else "")
+            await asyncio.sleep(0.5)
+
+    async def wait_for_exit(self, poll_s: float = 0.5) -> _Server:
+        """Return the first server whose process exits while we are not stopping."""
+        while True:
+            for srv in self.servers.values():
+                code = srv.proc.poll()
+                if code is not None and not self._stopping:
+                    srv.state, srv.exit_code = "exited", code
+                    _log.error(
+                        "server.exited",
+                        server=srv.spec.name,
+                        exit_code=code,
+                        last_lines=srv.proc.tail(10),
+                    )
+                    return srv
+            await asyncio.sleep(poll_s)
+
+    async def stop(self) -> None:
+        """Stop every server tree in parallel; SIGKILL what outlives the grace period."""
+        self._stopping = True
+        started = [s for s in self.servers.values() if s.proc.pid is not None]
+        if not started:
+            return
+        _log.info("supervisor.stopping", servers=[s.spec.name for s in started])
+        results = await asyncio.gather(
+            *(asyncio.to_thread(s.proc.stop, self.options.stop_grace_s) for s in started)
+        )
+        for srv, killed in zip(started, results, strict=True):
+            srv.state = "stopped"
+            if killed:
+                _log.warning(
+                    "server.killed",
+                    server=srv.spec.name,
+                    pids=killed,
+                    reason=f"still running {self.options.stop_grace_s:g} s after SIGTERM",
+                )
+        _log.info("supervisor.stopped")
+
+    # -- status ---------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        return {
+            "run_dir": str(self.run_dir),
+            "servers": {
+                name: {
+                    "role": s.spec.role,
+                    "url": s.spec.url,
+                    "pid": s.proc.pid,
+                    "state": s.state,
+                    "exit_code": s.exit_code,
+                    "ready_after_s": s.ready_after_s,
+                    "log": str(s.proc.log_path),
+                }
+                for name, s in self.servers.items()
+            },
+            "processes": procrecords.read_records(self.run_dir),
+        }
+
+    def backend(self, role: str) -> Backend:
+        for srv in self.servers.values():
+            if srv.spec.role == role:
+                return Backend(srv.spec.name, srv.spec.url)
+        raise KeyError(role)
+
+    def ready(self) -> bool:
+        return bool(self.servers) and all(s.state == "ready" for s in self.servers.values())
+
+
+def _new_run_dir(state_dir: Path) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path = state_dir / f"run-{stamp}-{os.getpid()}"
+    path.mkdir(parents=True, exist_ok=True)
+    return path

