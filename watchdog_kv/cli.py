@@ -116,8 +116,11 @@ def _parser() -> argparse.ArgumentParser:
     model_sub.add_parser("path", help="print where it is (or would be) built")
 
     cfg = sub.add_parser("config", help="validate WATCHDOG_KV_* and print the settings")
-    cfg.add_argument("--markdown", action="store_true",
-                     help="print the table of every variable (docs/configuration.md)")
+    cfg.add_argument(
+        "--markdown",
+        action="store_true",
+        help="print the table of every variable (docs/configuration.md)",
+    )
 
     doctor = sub.add_parser("doctor", help="check the vLLM CPU install")
     doctor.add_argument(

@@ -33,7 +33,15 @@ from rich.table import Table
 from watchdog_kv.router import RouterServer
 from watchdog_kv.supervisor import Supervisor
 
-__all__ = ["DEMO_REQUESTS", "DemoRequest", "collect_text", "nixl_counters", "run_demo"]
+__all__ = [
+    "DEMO_REQUESTS",
+    "DemoRequest",
+    "DemoRow",
+    "collect_text",
+    "compare_with_local",
+    "nixl_counters",
+    "run_demo",
+]
 
 _LONG = (
     "The watchdog watches the prefill and the decode servers. A decode worker waits "
@@ -128,7 +136,7 @@ class DemoRow:
         return self.disagg == self.local and self.transfers >= 1 and self.nbytes > 0
 
 
-async def _one(
+async def compare_with_local(
     http: aiohttp.ClientSession,
     router_url: str,
     decode_url: str,
@@ -136,6 +144,7 @@ async def _one(
     req: DemoRequest,
     timeout_s: float,
 ) -> DemoRow:
+    """Send ``req`` through the router and straight to the decode server; compare."""
     before = await nixl_counters(http, decode_url)
     t0 = time.monotonic()
     async with http.post(
@@ -163,30 +172,22 @@ async def _one(
 
 
 def render(rows: list[DemoRow]) -> Table:
-    table = Table(title="watchdog_kv demo: disaggregated answers vs the decode server's own")
-    for col in (
-        "#",
-        "endpoint",
-        "stream",
-        "disagg == local",
-        "NIXL pulls",
-        "KV bytes",
-        "seconds",
-        "text (first 24 chars)",
-    ):
-        table.add_column(col)
+    table = Table(title="disaggregated answers vs the decode server's own (greedy)")
+    for col in ("#", "API", "stream", "same answer", "NIXL pulls", "KV bytes", "seconds", "text"):
+        table.add_column(col, no_wrap=True)
     for i, row in enumerate(rows, 1):
         same = "[green]yes[/]" if row.disagg == row.local else "[red]NO[/]"
         pulls = f"{row.transfers:g}" if row.transfers >= 1 else "[red]0[/]"
+        api = "chat" if "chat" in row.request.endpoint else "completions"
         table.add_row(
             str(i),
-            row.request.endpoint,
+            api,
             "yes" if row.request.stream else "no",
             same,
             pulls,
             f"{row.nbytes:,.0f}",
             f"{row.seconds:.1f}",
-            repr(row.disagg[:24]),
+            repr(row.disagg[:12]),
         )
     return table
 
@@ -198,7 +199,7 @@ async def run_demo(
     timeout_s: float = 300.0,
     console: Console | None = None,
 ) -> int:
-    console = console or Console()
+    console = console or Console(width=100)
     decode_url = supervisor.backend("decode").url
     model = supervisor.options.served_model_name
     rows: list[DemoRow] = []
@@ -207,7 +208,8 @@ async def run_demo(
             console.print(
                 f"[dim]request {i}/{len(DEMO_REQUESTS)}: {req.endpoint} stream={req.stream}[/]"
             )
-            rows.append(await _one(http, router.url, decode_url, model, req, timeout_s))
+            row = await compare_with_local(http, router.url, decode_url, model, req, timeout_s)
+            rows.append(row)
     console.print(render(rows))
     ok = all(r.ok for r in rows)
     console.print(

@@ -21,23 +21,28 @@ def test_defaults_when_nothing_is_set():
     assert s.state_dir.name.startswith("watchdog_kv-")
 
 
-@pytest.mark.parametrize("raw,expected", [("0", False), ("off", False), ("FALSE", False),
-                                          ("1", True), (" yes ", True), ("On", True)])
+@pytest.mark.parametrize(
+    "raw,expected",
+    [("0", False), ("off", False), ("FALSE", False), ("1", True), (" yes ", True), ("On", True)],
+)
 def test_boolean_spellings(raw, expected):
     assert load({"WATCHDOG_KV_ENABLED": raw}).enabled is expected
 
 
-@pytest.mark.parametrize("name,raw,accepted", [
-    ("WATCHDOG_KV_ENABLED", "maybe", "1, 0, true, false"),
-    ("WATCHDOG_KV_ENABLED", "", "1, 0, true, false"),
-    ("WATCHDOG_KV_LOG_LEVEL", "loud", "debug, info, warning, error"),
-    ("WATCHDOG_KV_LOG_FORMAT", "xml", "auto, json, console"),
-    ("WATCHDOG_KV_PREFILL_TIMEOUT", "-3", "greater than 0"),
-    ("WATCHDOG_KV_PREFILL_TIMEOUT", "nan", "greater than 0"),
-    ("WATCHDOG_KV_DECODE_IDLE_TIMEOUT", "10s", "number of seconds"),
-    ("WATCHDOG_KV_SERVER", "a b", "letters, digits"),
-    ("WATCHDOG_KV_STATE_DIR", "  ", "directory path"),
-])
+@pytest.mark.parametrize(
+    "name,raw,accepted",
+    [
+        ("WATCHDOG_KV_ENABLED", "maybe", "1, 0, true, false"),
+        ("WATCHDOG_KV_ENABLED", "", "1, 0, true, false"),
+        ("WATCHDOG_KV_LOG_LEVEL", "loud", "debug, info, warning, error"),
+        ("WATCHDOG_KV_LOG_FORMAT", "xml", "auto, json, console"),
+        ("WATCHDOG_KV_PREFILL_TIMEOUT", "-3", "greater than 0"),
+        ("WATCHDOG_KV_PREFILL_TIMEOUT", "nan", "greater than 0"),
+        ("WATCHDOG_KV_DECODE_IDLE_TIMEOUT", "10s", "number of seconds"),
+        ("WATCHDOG_KV_SERVER", "a b", "letters, digits"),
+        ("WATCHDOG_KV_STATE_DIR", "  ", "directory path"),
+    ],
+)
 def test_bad_value_names_the_variable_and_what_is_accepted(name, raw, accepted):
     with pytest.raises(ConfigError) as err:
         load({name: raw})
@@ -79,6 +84,7 @@ def test_docs_table_is_the_one_the_code_generates():
         "docs/configuration.md is out of step with watchdog_kv/config.py: "
         "regenerate the table with `watchdog-kv config --markdown`"
     )
-    documented = {line.split("`")[1] for line in text.splitlines()
-                  if line.startswith("| `WATCHDOG_KV_")}
+    documented = {
+        line.split("`")[1] for line in text.splitlines() if line.startswith("| `WATCHDOG_KV_")
+    }
     assert documented == {v.name for v in config.VARIABLES}

@@ -41,8 +41,9 @@ def test_register_is_idempotent_and_publishes_one_record(env, tmp_path, capsys):
     assert record["pid"] == os.getpid()
     assert record["server"] == "decode-0"
     assert record["role"] == first.identity.role
-    registered = [e for e in _events(capsys.readouterr().err)
-                  if e["event"] == "watchdog_kv.registered"]
+    registered = [
+        e for e in _events(capsys.readouterr().err) if e["event"] == "watchdog_kv.registered"
+    ]
     assert len(registered) == 1
     assert registered[0]["pid"] == os.getpid()
     assert registered[0]["role"] == first.identity.role
@@ -77,8 +78,9 @@ def test_own_failure_disables_and_does_not_raise(env, tmp_path, capsys):
     assert len(errors) == 1 and errors[0].startswith("registration:")
     guard.clear_internal_errors()  # provoked on purpose
     events = _events(capsys.readouterr().err)
-    assert any(e["event"] == "watchdog_kv.internal_error" and e["action"] == "disabled"
-               for e in events)
+    assert any(
+        e["event"] == "watchdog_kv.internal_error" and e["action"] == "disabled" for e in events
+    )
 
 
 def test_forked_child_registers_with_its_own_pid(env, tmp_path):
@@ -110,7 +112,8 @@ def test_import_arms_registration_until_vllm_is_imported(tmp_path):
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("WATCHDOG_KV_")}
     env["WATCHDOG_KV_STATE_DIR"] = str(tmp_path)
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
-                         text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["frontend", "True", "True"]

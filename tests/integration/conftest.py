@@ -1,0 +1,177 @@
+"""Real vLLM for the integration tests: one supervised prefill/decode service per session.
+
+Everything here runs the real `watchdog-kv` command, which starts real stock
+vLLM OpenAI servers (the CPU build) on the embedded model. Nothing is mocked.
+The service takes about a minute to start on two cores, so it is started once
+(session scope) and shared; the test that shuts it down runs last.
+
+These tests need the CPU stack (`pip install .[cpu]` then `watchdog-kv doctor
+--fix`, as `nox -s tests` does). Without vLLM they are skipped, and say why.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+import pytest
+
+# Only look: importing vllm here would register watchdog_kv in the pytest process itself.
+HAVE_VLLM = (
+    importlib.util.find_spec("vllm") is not None and importlib.util.find_spec("nixl") is not None
+)
+
+requires_vllm = pytest.mark.skipif(
+    not HAVE_VLLM, reason="vLLM CPU stack not installed: run `nox -s tests`, which installs it"
+)
+
+STARTUP_DEADLINE_S = 420
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def http_json(url: str, body: dict | None = None, timeout: float = 30) -> tuple[int, dict]:
+    """GET (no body) or POST JSON; (status, parsed body or {"text": raw})."""
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers={"content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            status, raw = resp.status, resp.read()
+    except urllib.error.HTTPError as err:
+        status, raw = err.code, err.read()
+    try:
+        return status, json.loads(raw or b"{}")
+    except ValueError:
+        return status, {"text": raw.decode(errors="replace")}
+
+
+def base_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WATCHDOG_KV_")}
+    if "WATCHDOG_KV_CACHE_DIR" in os.environ:  # reuse a model built by the caller
+        env["WATCHDOG_KV_CACHE_DIR"] = os.environ["WATCHDOG_KV_CACHE_DIR"]
+    env["WATCHDOG_KV_LOG_FORMAT"] = "json"
+    env.update(extra)
+    return env
+
+
+def cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "watchdog_kv", *args]
+
+
+def events(text: str) -> list[dict]:
+    out = []
+    for line in text.splitlines():
+        if line.startswith("{"):
+            with contextlib.suppress(ValueError):
+                out.append(json.loads(line))
+    return out
+
+
+def alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def left_in_groups(pgids: list[int]) -> list[int]:
+    """Live processes whose process group is one of ``pgids`` (a server's whole tree)."""
+    left = []
+    for proc in psutil.process_iter():
+        try:
+            if os.getpgid(proc.pid) in pgids and proc.status() != psutil.STATUS_ZOMBIE:
+                left.append(proc.pid)
+        except (ProcessLookupError, psutil.Error):
+            continue
+    return left
+
+
+@dataclass
+class Service:
+    proc: subprocess.Popen
+    port: int
+    run_dir: Path
+    stderr_path: Path
+    seen_pids: set[int] = field(default_factory=set)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def status(self) -> dict:
+        code, body = http_json(f"{self.url}/watchdog/status")
+        assert code == 200, body
+        return body
+
+    def remember_tree(self) -> set[int]:
+        """Every pid of the supervisor's tree now, remembered for the shutdown check."""
+        try:
+            top = psutil.Process(self.proc.pid)
+            self.seen_pids |= {top.pid, *(c.pid for c in top.children(recursive=True))}
+        except psutil.NoSuchProcess:
+            pass
+        return set(self.seen_pids)
+
+
+@pytest.fixture(scope="session")
+def service(tmp_path_factory) -> Service:
+    if not HAVE_VLLM:
+        pytest.skip("vLLM CPU stack not installed: run `nox -s tests`, which installs it")
+    run_dir = tmp_path_factory.mktemp("pd-run")
+    port = free_port()
+    stderr_path = run_dir / "supervisor.stderr"
+    proc = subprocess.Popen(
+        cli("serve", "--port", str(port), "--run-dir", str(run_dir)),
+        env=base_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=open(stderr_path, "wb"),  # noqa: SIM115 - closed when the process exits
+        start_new_session=True,
+    )
+    svc = Service(proc, port, run_dir, stderr_path)
+    deadline = time.monotonic() + STARTUP_DEADLINE_S
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(
+                f"watchdog-kv serve exited with {proc.returncode}:\n"
+                f"{stderr_path.read_text()[-4000:]}"
+            )
+        try:
+            code, _ = http_json(f"{svc.url}/health", timeout=5)
+            if code == 200:
+                break
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        if time.monotonic() > deadline:
+            os.killpg(proc.pid, signal.SIGKILL)
+            pytest.fail(
+                f"service not healthy after {STARTUP_DEADLINE_S} s:\n"
+                f"{stderr_path.read_text()[-4000:]}"
+            )
+        time.sleep(1)
+    svc.remember_tree()
+    yield svc
+    if proc.poll() is None:  # the shutdown test did not run (e.g. -k): clean up anyway
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            for pid in svc.remember_tree():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)

@@ -1,0 +1,83 @@
+"""WATCHDOG_KV_ENABLED=0 on a real vLLM server: the plugin loads, and installs nothing."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import pytest
+
+from watchdog_kv import model
+from watchdog_kv.supervisor.process import ManagedProcess
+
+from .conftest import base_env, events, free_port, http_json, left_in_groups, requires_vllm
+
+pytestmark = [pytest.mark.vllm, requires_vllm]
+
+
+def test_disabled_plugin_installs_nothing_in_any_process(tmp_path):
+    from watchdog_kv import config
+
+    cache = config.load(base_env()).cache_dir
+    path = model.build(cache)
+    port = free_port()
+    state = tmp_path / "state"
+    log = tmp_path / "server.log"
+    env = base_env(
+        WATCHDOG_KV_ENABLED="0", WATCHDOG_KV_STATE_DIR=str(state), VLLM_CPU_KVCACHE_SPACE="1"
+    )
+    server = ManagedProcess(
+        "plain",
+        [
+            sys.executable,
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            str(path),
+            "--served-model-name",
+            "tiny",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--enforce-eager",
+            "--max-model-len",
+            "512",
+        ],
+        env,
+        log,
+    )
+    server.start()
+    try:
+        deadline = time.monotonic() + 300
+        while not http_json_ok(f"http://127.0.0.1:{port}/health"):
+            assert server.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "server not healthy in 300 s"
+            time.sleep(1)
+        code, body = http_json(
+            f"http://127.0.0.1:{port}/v1/completions",
+            {"model": "tiny", "prompt": "Hello", "max_tokens": 4, "temperature": 0},
+            timeout=120,
+        )
+        assert code == 200 and body["choices"][0]["text"]
+    finally:
+        server.stop(grace=30)
+    assert left_in_groups([server.pid]) == []
+    said = [e for e in events(log.read_text()) if e.get("logger", "").startswith("watchdog_kv")]
+    # The plugin was loaded in all three processes, and each chose to do nothing...
+    assert sorted(e["role"] for e in said if e["event"] == "watchdog_kv.disabled") == [
+        "api_server",
+        "engine_core",
+        "worker",
+    ]
+    # ...so nothing was registered, no status record written, no hook installed.
+    assert [e for e in said if e["event"] != "watchdog_kv.disabled"] == []
+    assert not state.exists()
+
+
+def http_json_ok(url: str) -> bool:
+    try:
+        code, _ = http_json(url, timeout=5)
+    except OSError:
+        return False
+    return code == 200
