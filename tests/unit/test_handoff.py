@@ -52,3 +52,19 @@ def test_prefill_request_is_one_token_no_stream_remote_decode():
         "kv_transfer_params": {"do_remote_decode": True, "do_remote_prefill": False},
     }
     assert body["stream"] is True and body["max_tokens"] == 50  # the original is untouched
+
+
+def test_no_answer_names_role_server_and_cause():
+    import aiohttp
+
+    from watchdog_kv.router.handoff import Backend, no_answer
+
+    backend = Backend("prefill-0", "http://127.0.0.1:1")
+    late = no_answer("prefill", backend, TimeoutError(), 2.5)
+    assert (late.status, late.kind) == (504, "prefill_timeout")
+    assert late.message == "prefill server prefill-0 did not answer within 2.5 s"
+    gone = no_answer(
+        "decode", Backend("decode-0", "x"), aiohttp.ClientConnectionError("refused"), 9
+    )
+    assert (gone.status, gone.kind) == (502, "decode_unreachable")
+    assert gone.message == "decode server decode-0 is unreachable: refused"

@@ -28,7 +28,7 @@ from aiohttp import web
 
 from watchdog_kv.telemetry import get_logger
 
-__all__ = ["Backend", "HandoffError", "prefill_body", "validate_body"]
+__all__ = ["Backend", "HandoffError", "no_answer", "prefill_body", "validate_body"]
 
 _log = get_logger("watchdog_kv.router")
 
@@ -93,6 +93,23 @@ def prefill_body(body: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def no_answer(role: str, backend: Backend, exc: BaseException, timeout_s: float) -> HandoffError:
+    """The error for a server that timed out (504) or could not be reached (502)."""
+    if isinstance(exc, TimeoutError):
+        return HandoffError(
+            504,
+            f"{role} server {backend.name} did not answer within {timeout_s:g} s",
+            f"{role}_timeout",
+            server=backend.name,
+        )
+    return HandoffError(
+        502,
+        f"{role} server {backend.name} is unreachable: {exc}",
+        f"{role}_unreachable",
+        server=backend.name,
+    )
+
+
 async def _relay_error(resp: aiohttp.ClientResponse, backend: Backend) -> HandoffError:
     text = await resp.text()
     try:
@@ -129,20 +146,8 @@ async def run_prefill(
             if resp.status != 200:
                 raise await _relay_error(resp, backend)
             data = await resp.json()
-    except TimeoutError:
-        raise HandoffError(
-            504,
-            f"prefill server {backend.name} did not answer within {timeout_s:g} s",
-            "prefill_timeout",
-            server=backend.name,
-        ) from None
-    except aiohttp.ClientError as exc:
-        raise HandoffError(
-            502,
-            f"prefill server {backend.name} is unreachable: {exc}",
-            "prefill_unreachable",
-            server=backend.name,
-        ) from None
+    except (TimeoutError, aiohttp.ClientError) as exc:
+        raise no_answer("prefill", backend, exc, timeout_s) from None
     params = data.get("kv_transfer_params") if isinstance(data, dict) else None
     if not isinstance(params, dict) or not params.get("remote_engine_id"):
         raise HandoffError(
@@ -173,20 +178,8 @@ async def run_decode(
         upstream = await http.post(
             f"{backend.url}{path}", json=body, headers={"X-Request-Id": request_id}, timeout=timeout
         )
-    except TimeoutError:
-        raise HandoffError(
-            504,
-            f"decode server {backend.name} did not answer within {idle_timeout_s:g} s",
-            "decode_timeout",
-            server=backend.name,
-        ) from None
-    except aiohttp.ClientError as exc:
-        raise HandoffError(
-            502,
-            f"decode server {backend.name} is unreachable: {exc}",
-            "decode_unreachable",
-            server=backend.name,
-        ) from None
+    except (TimeoutError, aiohttp.ClientError) as exc:
+        raise no_answer("decode", backend, exc, idle_timeout_s) from None
     async with upstream:
         if upstream.status != 200:
             raise await _relay_error(upstream, backend)
