@@ -21,11 +21,14 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
 import pytest
+
+from watchdog_kv.supervisor.ports import free_port as free_port_on
 
 # Only look: importing vllm here would register watchdog_kv in the pytest process itself.
 HAVE_VLLM = (
@@ -40,11 +43,7 @@ STARTUP_DEADLINE_S = 420
 
 
 def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return free_port_on("127.0.0.1", set())
 
 
 def http_json(url: str, body: dict | None = None, timeout: float = 30) -> tuple[int, dict]:
@@ -60,6 +59,20 @@ def http_json(url: str, body: dict | None = None, timeout: float = 30) -> tuple[
         return status, json.loads(raw or b"{}")
     except ValueError:
         return status, {"text": raw.decode(errors="replace")}
+
+
+def wait_healthy(url: str, exited: Callable[[], bool], timeout_s: float, log: Path) -> None:
+    """Poll ``url`` until it answers 200; fail naming the cause if ``exited()`` or time runs out."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if exited():
+            pytest.fail(f"server exited before it was healthy:\n{log.read_text()[-4000:]}")
+        with contextlib.suppress(OSError):
+            if http_json(url, timeout=5)[0] == 200:
+                return
+        if time.monotonic() > deadline:
+            pytest.fail(f"not healthy after {timeout_s:g} s:\n{log.read_text()[-4000:]}")
+        time.sleep(1)
 
 
 def base_env(**extra: str) -> dict[str, str]:
@@ -145,26 +158,14 @@ def service(tmp_path_factory) -> Service:
         start_new_session=True,
     )
     svc = Service(proc, port, run_dir, stderr_path)
-    deadline = time.monotonic() + STARTUP_DEADLINE_S
-    while True:
-        if proc.poll() is not None:
-            pytest.fail(
-                f"watchdog-kv serve exited with {proc.returncode}:\n"
-                f"{stderr_path.read_text()[-4000:]}"
-            )
-        try:
-            code, _ = http_json(f"{svc.url}/health", timeout=5)
-            if code == 200:
-                break
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            pass
-        if time.monotonic() > deadline:
-            os.killpg(proc.pid, signal.SIGKILL)
-            pytest.fail(
-                f"service not healthy after {STARTUP_DEADLINE_S} s:\n"
-                f"{stderr_path.read_text()[-4000:]}"
-            )
-        time.sleep(1)
+    try:
+        wait_healthy(
+            f"{svc.url}/health", lambda: proc.poll() is not None, STARTUP_DEADLINE_S, stderr_path
+        )
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)  # the supervisor stops its servers on SIGTERM
+        raise
     svc.remember_tree()
     yield svc
     if proc.poll() is None:  # the shutdown test did not run (e.g. -k): clean up anyway

@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import sys
-import time
 
 import pytest
 
 from watchdog_kv import model
 from watchdog_kv.supervisor.process import ManagedProcess
 
-from .conftest import base_env, events, free_port, http_json, left_in_groups, requires_vllm
+from .conftest import (
+    base_env,
+    events,
+    free_port,
+    http_json,
+    left_in_groups,
+    requires_vllm,
+    wait_healthy,
+)
 
 pytestmark = [pytest.mark.vllm, requires_vllm]
 
@@ -49,11 +56,7 @@ def test_disabled_plugin_installs_nothing_in_any_process(tmp_path):
     )
     server.start()
     try:
-        deadline = time.monotonic() + 300
-        while not http_json_ok(f"http://127.0.0.1:{port}/health"):
-            assert server.poll() is None, log.read_text()[-3000:]
-            assert time.monotonic() < deadline, "server not healthy in 300 s"
-            time.sleep(1)
+        wait_healthy(f"http://127.0.0.1:{port}/health", lambda: server.poll() is not None, 300, log)
         code, body = http_json(
             f"http://127.0.0.1:{port}/v1/completions",
             {"model": "tiny", "prompt": "Hello", "max_tokens": 4, "temperature": 0},
@@ -73,11 +76,3 @@ def test_disabled_plugin_installs_nothing_in_any_process(tmp_path):
     # ...so nothing was registered, no status record written, no hook installed.
     assert [e for e in said if e["event"] != "watchdog_kv.disabled"] == []
     assert not state.exists()
-
-
-def http_json_ok(url: str) -> bool:
-    try:
-        code, _ = http_json(url, timeout=5)
-    except OSError:
-        return False
-    return code == 200

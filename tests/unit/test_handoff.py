@@ -4,9 +4,16 @@ from __future__ import annotations
 
 import json
 
+import aiohttp
 import pytest
 
-from watchdog_kv.router.handoff import HandoffError, prefill_body, validate_body
+from watchdog_kv.router.handoff import (
+    Backend,
+    HandoffError,
+    no_answer,
+    prefill_body,
+    validate_body,
+)
 
 
 @pytest.mark.parametrize(
@@ -55,10 +62,6 @@ def test_prefill_request_is_one_token_no_stream_remote_decode():
 
 
 def test_no_answer_names_role_server_and_cause():
-    import aiohttp
-
-    from watchdog_kv.router.handoff import Backend, no_answer
-
     backend = Backend("prefill-0", "http://127.0.0.1:1")
     late = no_answer("prefill", backend, TimeoutError(), 2.5)
     assert (late.status, late.kind) == (504, "prefill_timeout")
