@@ -28,6 +28,16 @@ __all__ = ["main"]
 EXIT_USAGE = 2
 
 
+def _positive_float(raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{raw!r} is not a number of seconds") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{raw!r}: expected a number of seconds greater than 0")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="watchdog-kv",
@@ -83,6 +93,14 @@ def _parser() -> argparse.ArgumentParser:
             type=int,
             default=512,
             help="vLLM --max-model-len for both servers (default 512)",
+        )
+        p.add_argument(
+            "--kv-lease",
+            type=_positive_float,
+            default=None,
+            metavar="SECONDS",
+            help="how long a prefill keeps KV blocks for a decode that has not read them "
+            "(NIXL kv_lease_duration; default: vLLM's, 30 s)",
         )
         p.add_argument(
             "--vllm-arg",
@@ -162,6 +180,7 @@ def _service(args: argparse.Namespace, settings: config.Settings, demo: bool) ->
         startup_timeout_s=args.startup_timeout,
         max_model_len=args.max_model_len,
         vllm_args=tuple(args.vllm_arg),
+        kv_lease_s=args.kv_lease,
         run_dir=args.run_dir,
     )
     on_ready = None

@@ -20,9 +20,11 @@ import difflib
 import os
 import tempfile
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from watchdog_kv.kv.faults import FaultPlan, parse_faults
 
 __all__ = [
     "PREFIX",
@@ -75,6 +77,27 @@ def _positive_seconds(raw: str) -> float:
     if not value > 0 or value != value or value == float("inf"):
         raise ValueError("expected a number of seconds greater than 0, such as 30 or 2.5")
     return value
+
+
+def _positive_number(raw: str) -> float:
+    try:
+        value = float(raw.strip())
+    except ValueError:
+        raise ValueError("expected a number greater than 0") from None
+    if not 0 < value < float("inf"):
+        raise ValueError("expected a number greater than 0")
+    return value
+
+
+def _int(raw: str) -> int:
+    try:
+        return int(raw.strip())
+    except ValueError:
+        raise ValueError("expected a whole number such as 0 or 1234") from None
+
+
+def _faults(raw: str) -> FaultPlan:
+    return parse_faults(raw)
 
 
 def _path(raw: str) -> Path:
@@ -196,6 +219,79 @@ VARIABLES: tuple[Variable, ...] = (
         doc="Router: longest silence from a decode server (before its first byte or "
         "between streamed chunks) before the request is ended with a clear error.",
     ),
+    Variable(
+        name="WATCHDOG_KV_KV_RECOVERY",
+        attr="kv_recovery",
+        parse=_choice("recompute", "fail"),
+        default=lambda: "recompute",
+        default_doc="recompute",
+        accepted="recompute, fail",
+        doc="Decode side, when a KV load misses its deadline, breaks or reads stale "
+        "blocks: recompute the prompt locally through vLLM's own recovery (same "
+        "output, more compute), or fail the request at once with a clear error.",
+    ),
+    Variable(
+        name="WATCHDOG_KV_KV_DEADLINE_FLOOR",
+        attr="kv_deadline_floor_s",
+        parse=_positive_seconds,
+        default=lambda: 5.0,
+        default_doc="5",
+        accepted="a number of seconds greater than 0",
+        unit="s",
+        doc="Shortest deadline of any KV-load phase (handshake, first progress, "
+        "transfer, lease check): a small stuck load is caught after this long.",
+    ),
+    Variable(
+        name="WATCHDOG_KV_KV_DEADLINE_CAP",
+        attr="kv_deadline_cap_s",
+        parse=_positive_seconds,
+        default=lambda: 120.0,
+        default_doc="120",
+        accepted="a number of seconds greater than 0 and not below the floor",
+        unit="s",
+        doc="Longest deadline of any KV-load phase, however big the transfer.",
+    ),
+    Variable(
+        name="WATCHDOG_KV_KV_ASSUMED_BANDWIDTH",
+        attr="kv_assumed_bandwidth_mbps",
+        parse=_positive_number,
+        default=lambda: 100.0,
+        default_doc="100",
+        accepted="a number greater than 0",
+        unit="MB/s",
+        doc="Bandwidth a transfer deadline assumes until transfers have been measured "
+        "in this process; after that, the slowest recent measured bandwidth is used.",
+    ),
+    Variable(
+        name="WATCHDOG_KV_KV_LEASE_CHECK",
+        attr="kv_lease_check",
+        parse=_parse_bool,
+        default=lambda: True,
+        default_doc="1",
+        accepted="1, 0, true, false, yes, no, on, off",
+        doc="Decode side: before KV read from a prefill is used, ask that prefill's "
+        "watchdog whether it kept the blocks through the read; if not (or no "
+        "answer in time) the prompt is recomputed. Needs watchdog_kv on the prefill.",
+    ),
+    Variable(
+        name="WATCHDOG_KV_FAULT",
+        attr="fault",
+        parse=_faults,
+        default=FaultPlan,
+        default_doc="unset (no fault)",
+        accepted="comma-separated delay:<s>, drop:<p>, corrupt:<p>, stall_handshake:<s>",
+        doc="Fault injection for rehearsals, on the decode side (docs/kv-transfer.md). "
+        "Never set it in production.",
+    ),
+    Variable(
+        name="WATCHDOG_KV_FAULT_SEED",
+        attr="fault_seed",
+        parse=_int,
+        default=lambda: 0,
+        default_doc="0",
+        accepted="a whole number",
+        doc="Seed of the fault injection's random draws, so a rehearsal repeats.",
+    ),
 )
 
 _BY_NAME = {v.name: v for v in VARIABLES}
@@ -213,6 +309,13 @@ class Settings:
     server: str | None
     prefill_timeout_s: float
     decode_idle_timeout_s: float
+    kv_recovery: str = "recompute"
+    kv_deadline_floor_s: float = 5.0
+    kv_deadline_cap_s: float = 120.0
+    kv_assumed_bandwidth_mbps: float = 100.0
+    kv_lease_check: bool = True
+    fault: FaultPlan = field(default_factory=FaultPlan)
+    fault_seed: int = 0
 
 
 def load(environ: Mapping[str, str] | None = None) -> Settings:
@@ -242,6 +345,12 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
             raise ConfigError(
                 f"{var.name}={raw!r} is not valid: {exc}. Accepted: {var.accepted}."
             ) from None
+    if values["kv_deadline_floor_s"] > values["kv_deadline_cap_s"]:
+        raise ConfigError(
+            f"WATCHDOG_KV_KV_DEADLINE_FLOOR ({values['kv_deadline_floor_s']:g} s) is above "
+            f"WATCHDOG_KV_KV_DEADLINE_CAP ({values['kv_deadline_cap_s']:g} s). Accepted: a "
+            "floor not above the cap."
+        )
     return Settings(**values)
 
 

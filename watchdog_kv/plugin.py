@@ -26,10 +26,13 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from watchdog_kv import config, process
 from watchdog_kv.guard import contained
+from watchdog_kv.kv import hooks as kv_hooks
 from watchdog_kv.telemetry import logs
 
 __all__ = ["Registration", "current", "register", "unregister"]
@@ -46,6 +49,7 @@ class Registration:
     enabled: bool
     hooks: list[str] = field(default_factory=list)
     record_path: str | None = None
+    record: process.StatusRecord | None = None
 
 
 _current: Registration | None = None
@@ -98,6 +102,7 @@ def register() -> Registration:
             if not settings.enabled:
                 _log.info("watchdog_kv.disabled", reason="WATCHDOG_KV_ENABLED=0")
                 return reg
+            reg.hooks = kv_hooks.install(settings, reg.identity.rank, _publisher(reg))
             record = process.StatusRecord(
                 pid=reg.pid,
                 ppid=os.getppid(),
@@ -109,6 +114,7 @@ def register() -> Registration:
                 vllm_version=_vllm_version(),
                 watchdog_kv_version=_version("watchdog_kv"),
             )
+            reg.record = record
             reg.record_path = str(process.write_record(settings.state_dir, record))
             _log.info(
                 "watchdog_kv.registered",
@@ -119,12 +125,26 @@ def register() -> Registration:
         return reg
 
 
+def _publisher(reg: Registration) -> Callable[[dict[str, Any]], None]:
+    """Rewrite this process's status record with a hook's latest status."""
+
+    def publish(kv: dict[str, Any]) -> None:
+        with _lock, contained("status record"):
+            if reg.record is None or current() is not reg:
+                return
+            reg.record.kv = kv
+            process.write_record(reg.settings.state_dir, reg.record)
+
+    return publish
+
+
 def unregister() -> None:
     """Remove hooks and the status record of this process (for tests and clean exits)."""
     global _current
     with _lock:
         reg = current()
         _current = None
+        kv_hooks.uninstall()
         if reg is None or reg.record_path is None:
             return
         with contextlib.suppress(FileNotFoundError):

@@ -79,6 +79,7 @@ class StatusRecord:
     process_name: str
     server: str | None
     hooks: list[str] = field(default_factory=list)
+    kv: dict[str, Any] | None = None  # the KV-transfer watch of this process, if any
     registered_at: float = field(default_factory=time.time)
     vllm_version: str | None = None
     watchdog_kv_version: str | None = None

@@ -76,6 +76,7 @@ class ServeOptions:
     stop_grace_s: float = 20.0
     max_model_len: int = 512
     vllm_args: tuple[str, ...] = ()
+    kv_lease_s: float | None = None
     run_dir: Path | None = None
 
 
@@ -127,6 +128,7 @@ class Supervisor:
                     max_model_len=opts.max_model_len,
                     extra_args=opts.vllm_args,
                     cpu_bind=str(cores[index % len(cores)]),
+                    kv_lease_s=opts.kv_lease_s,
                 )
             )
         return specs

@@ -49,6 +49,7 @@ class ServerSpec:
     max_model_len: int = 512
     extra_args: Sequence[str] = field(default_factory=tuple)
     cpu_bind: str | None = None  # VLLM_CPU_OMP_THREADS_BIND for this server's worker
+    kv_lease_s: float | None = None  # NIXL kv_lease_duration (vLLM's default when None)
 
     @property
     def url(self) -> str:
@@ -71,9 +72,15 @@ class ServerSpec:
             "--max-model-len",
             str(self.max_model_len),
             "--kv-transfer-config",
-            json.dumps(KV_TRANSFER_CONFIG),
+            json.dumps(self.kv_transfer_config()),
             *self.extra_args,
         ]
+
+    def kv_transfer_config(self) -> dict[str, object]:
+        config: dict[str, object] = dict(KV_TRANSFER_CONFIG)
+        if self.kv_lease_s is not None:
+            config["kv_connector_extra_config"] = {"kv_lease_duration": self.kv_lease_s}
+        return config
 
     def env(self, base: Mapping[str, str], state_dir: Path) -> dict[str, str]:
         env = dict(base)

@@ -1,0 +1,80 @@
+"""Deadlines for each phase of a KV load, learned from what this process has seen.
+
+A phase's deadline is always within ``[floor, cap]`` (configuration):
+
+* ``handshake`` and ``first_progress`` (admitted -> transfer posted) and
+  ``verify`` (the prefill's lease check): ``slack`` times the longest duration
+  seen so far for that phase; before anything was seen, the floor.
+* ``transfer``: ``slack`` times the time the bytes take at the bandwidth
+  measured so far (the slowest of the recent transfers, so one fast transfer
+  does not make the next big one look stuck), plus the floor; before any
+  transfer was measured, at the assumed bandwidth from configuration.
+
+So a big transfer on a slow link gets a long deadline and a small stuck one
+is caught after the floor.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from dataclasses import dataclass
+from enum import StrEnum
+
+__all__ = ["DeadlineConfig", "Deadlines", "Phase"]
+
+
+class Phase(StrEnum):
+    HANDSHAKE = "handshake"
+    FIRST_PROGRESS = "first_progress"
+    TRANSFER = "transfer"
+    VERIFY = "verify"
+
+
+@dataclass(frozen=True)
+class DeadlineConfig:
+    floor_s: float
+    cap_s: float
+    assumed_bandwidth_bps: float  # bytes per second before any transfer was measured
+    slack: float = 4.0
+    window: int = 32  # how many recent observations are kept per phase
+
+
+class Deadlines:
+    """Observed durations per phase and the deadlines they imply (thread-safe)."""
+
+    def __init__(self, config: DeadlineConfig) -> None:
+        if not 0 < config.floor_s <= config.cap_s:
+            raise ValueError(
+                f"deadline floor {config.floor_s} s must be > 0 and <= cap {config.cap_s} s"
+            )
+        self.config = config
+        self._lock = threading.Lock()
+        self._seen: dict[Phase, deque[float]] = {p: deque(maxlen=config.window) for p in Phase}
+        self._bandwidth: deque[float] = deque(maxlen=config.window)
+
+    def observe(self, phase: Phase, seconds: float, nbytes: int | None = None) -> None:
+        with self._lock:
+            self._seen[phase].append(max(seconds, 0.0))
+            if phase is Phase.TRANSFER and nbytes and seconds > 0:
+                self._bandwidth.append(nbytes / seconds)
+
+    def bandwidth_bps(self) -> float:
+        """The bandwidth transfer deadlines assume now (bytes per second)."""
+        with self._lock:
+            return min(self._bandwidth) if self._bandwidth else self.config.assumed_bandwidth_bps
+
+    def deadline(self, phase: Phase, nbytes: int = 0) -> float:
+        cfg = self.config
+        if phase is Phase.TRANSFER:
+            raw = cfg.floor_s + cfg.slack * nbytes / self.bandwidth_bps()
+        else:
+            with self._lock:
+                longest = max(self._seen[phase], default=0.0)
+            raw = cfg.slack * longest
+        return min(max(raw, cfg.floor_s), cfg.cap_s)
+
+    def snapshot(self) -> dict[str, float]:
+        return {p.value: round(self.deadline(p), 3) for p in Phase if p is not Phase.TRANSFER} | {
+            "bandwidth_bps": round(self.bandwidth_bps(), 1)
+        }

@@ -1,0 +1,155 @@
+"""Installing and removing the KV-transfer hooks in a vLLM process.
+
+:func:`install` arms two post-import hooks; nothing is patched until vLLM
+imports the modules, and a process that never builds a KV connector is never
+touched:
+
+* ``KVConnectorFactory.create_connector`` -- every connector vLLM builds, of
+  whatever class the user's ``--kv-transfer-config`` names, gets a
+  :class:`~watchdog_kv.kv.scheduler.SchedulerWatch` (scheduler role) or a
+  :class:`~watchdog_kv.kv.worker.WorkerWatch` (worker role) on its instance;
+* ``Scheduler.__init__`` -- the KV recovery policy
+  (:func:`~watchdog_kv.kv.scheduler.patch_scheduler_recovery`).
+
+:func:`uninstall` restores the original class attributes and removes every
+instance wrapper, so the objects behave exactly as before.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import wrapt
+
+from watchdog_kv.config import Settings
+from watchdog_kv.guard import contained
+from watchdog_kv.telemetry import get_logger
+
+__all__ = ["FACTORY_MODULE", "SCHEDULER_MODULE", "install", "uninstall", "watches"]
+
+FACTORY_MODULE = "vllm.distributed.kv_transfer.kv_connector.factory"
+SCHEDULER_MODULE = "vllm.v1.core.sched.scheduler"
+
+_log = get_logger("watchdog_kv.kv")
+_lock = threading.RLock()
+_settings: Settings | None = None
+_rank: int = 0
+_publish: Callable[[dict[str, Any]], None] | None = None
+_patches: list[tuple[Any, str, Any]] = []  # (owner, attribute, original)
+_watches: list[Any] = []
+_armed_hooks = False
+
+
+def install(
+    settings: Settings, rank: int | None, publish: Callable[[dict[str, Any]], None]
+) -> list[str]:
+    """Arm the hooks in this process; ``publish`` receives the watch's status when it changes."""
+    global _settings, _rank, _publish, _armed_hooks
+    with _lock:
+        _settings, _rank, _publish = settings, rank or 0, publish
+        if not _armed_hooks:
+            wrapt.register_post_import_hook(_patch_factory, FACTORY_MODULE)
+            wrapt.register_post_import_hook(_patch_scheduler, SCHEDULER_MODULE)
+            _armed_hooks = True
+    return ["kv.connector_factory", "kv.scheduler_recovery"]
+
+
+def uninstall() -> None:
+    """Restore every patched attribute and unwrap every watched connector."""
+    global _settings
+    with _lock:
+        for watch in _watches:
+            watch.unhook()
+        _watches.clear()
+        for owner, name, original in reversed(_patches):
+            setattr(owner, name, original)
+        _patches.clear()
+        _settings = None
+
+
+def watches() -> list[Any]:
+    with _lock:
+        return list(_watches)
+
+
+def _patch_factory(module: Any) -> None:
+    with _lock, contained("kv.install"):
+        if _settings is None:
+            return
+        cls = module.KVConnectorFactory
+        original = cls.__dict__["create_connector"]
+
+        def create_connector(klass: Any, *args: Any, **kwargs: Any) -> Any:
+            connector = original.__func__(klass, *args, **kwargs)
+            role = kwargs.get("role", args[1] if len(args) > 1 else None)
+            _attach(connector, getattr(role, "name", str(role)))
+            return connector
+
+        cls.create_connector = classmethod(create_connector)
+        _patches.append((cls, "create_connector", original))
+
+
+def _patch_scheduler(module: Any) -> None:
+    with _lock, contained("kv.install"):
+        if _settings is None:
+            return
+        cls = module.Scheduler
+        original = cls.__dict__["__init__"]
+
+        def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+            original(self, *args, **kwargs)
+            settings = _settings
+            if settings is not None:
+                with contained("kv.scheduler_recovery"):
+                    from watchdog_kv.kv.scheduler import patch_scheduler_recovery
+
+                    patch_scheduler_recovery(self, settings)
+
+        cls.__init__ = __init__
+        _patches.append((cls, "__init__", original))
+
+
+def _attach(connector: Any, role: str) -> None:
+    settings = _settings
+    if settings is None:
+        return
+    with contained("kv.attach"):
+        if role == "SCHEDULER":
+            from watchdog_kv.kv.scheduler import SchedulerWatch
+
+            watch: Any = SchedulerWatch(connector, settings)
+        elif role == "WORKER":
+            from watchdog_kv.kv.worker import WorkerWatch
+
+            watch = WorkerWatch(connector, settings, _rank)
+            watch.on_change = _throttled_publisher(watch)
+        else:
+            return
+        with _lock:
+            _watches.append(watch)
+        _log.info("kv.watching", connector=type(connector).__name__, side=role.lower())
+        if _publish is not None:
+            _publish(
+                {"side": role.lower(), "connector": type(connector).__name__, **_status(watch)}
+            )
+
+
+def _status(watch: Any) -> dict[str, Any]:
+    status = getattr(watch, "status", None)
+    return status() if status is not None else {}
+
+
+def _throttled_publisher(watch: Any) -> Callable[[], None]:
+    last = [0.0]
+
+    def changed() -> None:
+        now = time.monotonic()
+        if _publish is None or now - last[0] < 1.0:
+            return
+        last[0] = now
+        _publish({"side": "worker", "connector": type(watch.connector).__name__, **watch.status()})
+
+    return changed

@@ -1,0 +1,177 @@
+"""Scheduler side: tell the workers what each remote load is, advertise the lease check.
+
+:class:`SchedulerWatch` wraps the scheduler-side methods of the connector vLLM
+built, in the engine-core process:
+
+* ``get_num_new_matched_tokens`` / ``update_state_after_alloc``: a request that
+  will load KV asynchronously becomes a :class:`~watchdog_kv.kv.worker.RecvPlan`
+  (blocks to load, remote engine and request, the prefill's lease servers);
+* ``build_connector_meta``: the plans made since the last step ride to the
+  workers on the connector metadata (attribute ``watchdog_kv_recv``);
+* ``request_finished``: when the prefill keeps blocks for a decode, the
+  ``kv_transfer_params`` it returns gain ``watchdog_kv_lease`` -- the addresses of
+  this engine's lease servers -- so the decode can check its read.
+
+:func:`patch_scheduler_recovery` makes vLLM's scheduler recompute failed loads
+(``WATCHDOG_KV_KV_RECOVERY=recompute``) without touching the user's
+``--kv-transfer-config``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from dataclasses import asdict
+from typing import Any
+
+import psutil
+
+from watchdog_kv.config import Settings
+from watchdog_kv.guard import contained
+from watchdog_kv.kv.lease import LEASE_PARAM
+from watchdog_kv.kv.worker import RECV_PLAN_ATTR, RecvPlan
+from watchdog_kv.telemetry import get_logger
+
+__all__ = ["SchedulerWatch", "patch_scheduler_recovery"]
+
+_log = get_logger("watchdog_kv.kv")
+
+
+class SchedulerWatch:
+    def __init__(self, connector: Any, settings: Settings) -> None:
+        self.connector = connector
+        self.settings = settings
+        self.enabled = True
+        self._async: dict[str, int] = {}  # req_id -> external tokens to load
+        self._plans: dict[str, dict[str, Any]] = {}
+        self._lease_endpoints: list[str] | None = None
+        self._lease_looked_at = 0.0
+        self.leases_advertised = 0
+        self._originals: dict[str, Any] = {}
+        for name in (
+            "get_num_new_matched_tokens",
+            "update_state_after_alloc",
+            "build_connector_meta",
+        ):
+            self._originals[name] = getattr(connector, name)
+            setattr(connector, name, getattr(self, f"_{name}"))
+        # vLLM calls one or the other, depending on whether the connector supports HMA.
+        for name in ("request_finished", "request_finished_all_groups"):
+            if hasattr(connector, name):
+                self._originals[name] = getattr(connector, name)
+                setattr(connector, name, self._finisher(name))
+
+    def unhook(self) -> None:
+        for name in self._originals:
+            with contextlib.suppress(AttributeError):
+                delattr(self.connector, name)
+        self._originals.clear()
+
+    def _disable(self) -> None:
+        self.enabled = False
+
+    def _get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> Any:
+        result = self._originals["get_num_new_matched_tokens"](request, num_computed_tokens)
+        if self.enabled:
+            with contained("kv.get_num_new_matched_tokens", on_error=self._disable):
+                count, load_async = result
+                if count and load_async:
+                    self._async[request.request_id] = int(count)
+        return result
+
+    def _update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> Any:
+        result = self._originals["update_state_after_alloc"](request, blocks, num_external_tokens)
+        if self.enabled:
+            with contained("kv.update_state_after_alloc", on_error=self._disable):
+                tokens = self._async.pop(request.request_id, 0)
+                if tokens and num_external_tokens > 0:
+                    params = request.kv_transfer_params or {}
+                    block_size = int(
+                        getattr(request, "block_size", 0) or _block_size(self.connector)
+                    )
+                    ids = blocks.get_block_ids()
+                    local = [int(b) for group in ids for b in group] if ids else []
+                    lease = params.get(LEASE_PARAM)
+                    plan = RecvPlan(
+                        req_id=request.request_id,
+                        num_blocks=-(-num_external_tokens // block_size)
+                        if block_size
+                        else len(local),
+                        remote_engine_id=params.get("remote_engine_id"),
+                        remote_request_id=params.get("remote_request_id"),
+                        lease=list(lease) if isinstance(lease, list) else None,
+                        local_blocks=local,
+                    )
+                    self._plans[request.request_id] = asdict(plan)
+        return result
+
+    def _build_connector_meta(self, scheduler_output: Any) -> Any:
+        metadata = self._originals["build_connector_meta"](scheduler_output)
+        if self.enabled and self._plans:
+            with contained("kv.build_connector_meta", on_error=self._disable):
+                setattr(metadata, RECV_PLAN_ATTR, self._plans)
+                self._plans = {}
+        return metadata
+
+    def _finisher(self, name: str) -> Any:
+        def finished(request: Any, block_ids: Any) -> Any:
+            return self._request_finished(name, request, block_ids)
+
+        return finished
+
+    def _request_finished(self, name: str, request: Any, block_ids: Any) -> Any:
+        delay_free, params = self._originals[name](request, block_ids)
+        if self.enabled:
+            with contained("kv.request_finished", on_error=self._disable):
+                self._async.pop(request.request_id, None)
+                if delay_free and params and params.get("do_remote_prefill"):
+                    endpoints = self._lease_servers()
+                    if endpoints:
+                        params = {**params, LEASE_PARAM: endpoints}
+                        self.leases_advertised += 1
+        return delay_free, params
+
+    def _lease_servers(self) -> list[str] | None:
+        """The lease servers of this engine's workers, from their status records."""
+        if self._lease_endpoints is not None:
+            return self._lease_endpoints
+        now = time.monotonic()
+        if now - self._lease_looked_at < 5:
+            return None
+        self._lease_looked_at = now
+        found: dict[int, str] = {}
+        procs = self.settings.state_dir / "procs"
+        for child in psutil.Process(os.getpid()).children(recursive=True):
+            try:
+                record = json.loads((procs / f"{child.pid}.json").read_text())
+            except (OSError, ValueError):
+                continue
+            endpoint = (record.get("kv") or {}).get("lease_endpoint")
+            if endpoint:
+                found[int(record.get("rank") or 0)] = endpoint
+        if not found:
+            _log.warning("kv.lease_servers_not_found", hint="decodes will not check their reads")
+            return None
+        self._lease_endpoints = [found[r] for r in sorted(found)]
+        _log.info("kv.lease_servers", endpoints=self._lease_endpoints)
+        return self._lease_endpoints
+
+
+def _block_size(connector: Any) -> int:
+    cfg = getattr(connector, "_vllm_config", None)
+    return int(getattr(getattr(cfg, "cache_config", None), "block_size", 0) or 0)
+
+
+def patch_scheduler_recovery(scheduler: Any, settings: Settings) -> None:
+    """After vLLM's Scheduler.__init__: apply the KV recovery policy to this scheduler."""
+    if getattr(scheduler, "connector", None) is None:
+        return
+    before = getattr(scheduler, "recompute_kv_load_failures", None)
+    scheduler.recompute_kv_load_failures = settings.kv_recovery == "recompute"
+    _log.info(
+        "kv.recovery_policy",
+        policy=settings.kv_recovery,
+        vllm_policy_was="recompute" if before else "fail",
+    )

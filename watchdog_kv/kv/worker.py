@@ -1,0 +1,448 @@
+"""Worker side: deadlines, recovery and the lease check around a KV connector.
+
+:class:`WorkerWatch` wraps the worker-side methods of the connector vLLM built
+(any :class:`KVConnectorBase_V1`; NixlConnector gets more through
+:mod:`watchdog_kv.kv.nixl`). vLLM's calls go through unchanged and vLLM's
+exceptions pass through untouched; watchdog_kv only *edits the transfer results*
+vLLM's scheduler receives each step:
+
+* a load that finished is held back while the prefill's lease check runs, then
+  reported finished (valid) or failed (stale, unknown, no answer);
+* a load past its phase deadline is cancelled and, once the transport confirmed
+  nothing more can land, reported failed;
+* a load the transport reported failed is recorded as such;
+* a completion for a load already settled is dropped (fenced).
+
+A failed load is what vLLM's own connectors report when a transfer breaks
+(``failed_recving``); with ``WATCHDOG_KV_KV_RECOVERY=recompute`` the scheduler
+is told to recompute such requests locally (see :mod:`watchdog_kv.kv.scheduler`),
+otherwise vLLM fails them with an error. Its own failures disable the watch
+for this connector (logged); vLLM carries on as if it was not there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+from watchdog_kv.config import Settings
+from watchdog_kv.guard import contained
+from watchdog_kv.kv.deadlines import DeadlineConfig, Deadlines, Phase
+from watchdog_kv.kv.faults import FaultDice
+from watchdog_kv.kv.lease import LeaseClient, LeaseServer
+from watchdog_kv.kv.nixl import NixlAdapter, nixl_worker_of
+from watchdog_kv.kv.states import (
+    IllegalTransition,
+    LeaseTable,
+    Recv,
+    RecvEvent,
+    RecvTable,
+    Verdict,
+)
+from watchdog_kv.telemetry import get_logger
+
+__all__ = ["RECV_PLAN_ATTR", "RecvPlan", "WorkerWatch"]
+
+# The scheduler side attaches {req_id: RecvPlan-as-dict} to the connector metadata.
+RECV_PLAN_ATTR = "watchdog_kv_recv"
+
+_log = get_logger("watchdog_kv.kv")
+
+_PHASE_OF = {
+    Recv.WAITING: Phase.FIRST_PROGRESS,
+    Recv.HANDSHAKING: Phase.HANDSHAKE,
+    Recv.PULLING: Phase.TRANSFER,
+    Recv.VERIFYING: Phase.VERIFY,
+}
+
+
+@dataclass
+class RecvPlan:
+    """What the scheduler knows of one remote load, sent to the worker."""
+
+    req_id: str
+    num_blocks: int
+    remote_engine_id: str | None = None
+    remote_request_id: str | None = None
+    lease: list[str] | None = None  # lease servers of the prefill, by TP rank
+    local_blocks: list[int] = field(default_factory=list)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> RecvPlan:
+        return cls(**raw)
+
+
+@dataclass
+class _Load:
+    plan: RecvPlan
+    nbytes: int
+    posted_at: float | None = None
+    done_at: float | None = None
+    release_at: float | None = None  # fault "delay": report no earlier than this
+    dropped: bool = False  # fault "drop": the completion is swallowed
+    check: Future[Verdict] | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class WorkerWatch:
+    def __init__(self, connector: Any, settings: Settings, rank: int) -> None:
+        self.connector = connector
+        self.settings = settings
+        self.rank = rank
+        self.enabled = True
+        self.recv = RecvTable(on_transition=self._on_transition)
+        self.leases = LeaseTable()
+        self.deadlines = Deadlines(
+            DeadlineConfig(
+                floor_s=settings.kv_deadline_floor_s,
+                cap_s=settings.kv_deadline_cap_s,
+                assumed_bandwidth_bps=settings.kv_assumed_bandwidth_mbps * 1e6,
+            )
+        )
+        self.dice = FaultDice(settings.fault, settings.fault_seed + rank)
+        self._loads: dict[str, _Load] = {}
+        self._settled: set[str] = set()  # loads we reported; later completions are fenced
+        self._ready_ok: set[str] = set()  # settled this step: report finished
+        self._ready_failed: set[str] = set()  # settled this step: report finished + failed
+        self._bytes_per_block = 0
+        self._kv_caches: dict[str, Any] = {}
+        self.adapter: NixlAdapter | None = None
+        self.lease_server: LeaseServer | None = None
+        self.lease_client = LeaseClient()
+        self._originals: dict[str, Any] = {}
+        self.on_change: Any = None  # called after each step's results (throttled by the caller)
+        nixl_worker = nixl_worker_of(connector)
+        if nixl_worker is not None:
+            self.adapter = NixlAdapter(
+                nixl_worker, self.leases, settings.fault.stall_handshake_s, self._event
+            )
+            host = _side_channel_host()
+            self.lease_server = LeaseServer(self.leases, host)
+        for name in ("register_kv_caches", "start_load_kv", "get_transfer_results"):
+            self._wrap(name)
+        if settings.fault.active:
+            _log.warning("kv.fault_injection_on", faults=settings.fault.describe())
+
+    # --- wiring -------------------------------------------------------------
+    def _wrap(self, name: str) -> None:
+        original = getattr(self.connector, name)
+        self._originals[name] = original
+        setattr(self.connector, name, getattr(self, f"_{name}"))
+
+    def unhook(self) -> None:
+        for name in self._originals:
+            with contextlib.suppress(AttributeError):
+                delattr(self.connector, name)
+        self._originals.clear()
+        if self.adapter is not None:
+            self.adapter.unhook()
+        if self.lease_server is not None:
+            self.lease_server.close()
+        self.lease_client.close()
+
+    def _disable(self) -> None:
+        self.enabled = False
+        _log.error("kv.watch_disabled", reason="internal error; the connector runs unwatched")
+
+    def _event(self, event: str, **fields: Any) -> None:
+        level = "info" if event in ("kv.recv_ok",) else "warning"
+        getattr(_log, level)(event, rank=self.rank, **fields)
+
+    def _on_transition(self, req_id: str, event: str, old: str, new: str) -> None:
+        _log.debug("kv.transition", request_id=req_id, kv_event=event, old=old, new=new)
+
+    # --- wrapped methods ----------------------------------------------------
+    def _register_kv_caches(self, kv_caches: dict[str, Any]) -> Any:
+        result = self._originals["register_kv_caches"](kv_caches)
+        with contained("kv.register_kv_caches", on_error=self._disable):
+            self._kv_caches = dict(kv_caches)
+            blocks = _num_blocks(self.connector)
+            if blocks:
+                total = sum(int(t.numel() * t.element_size()) for t in kv_caches.values())
+                self._bytes_per_block = total // blocks
+        return result
+
+    def _start_load_kv(self, forward_context: Any, **kwargs: Any) -> Any:
+        if self.enabled:
+            with contained("kv.start_load_kv", on_error=self._disable):
+                self._admit_new_loads()
+        result = self._originals["start_load_kv"](forward_context, **kwargs)
+        if self.enabled:
+            with contained("kv.start_load_kv", on_error=self._disable):
+                self._observe_phases()
+        return result
+
+    def _get_transfer_results(self, finished_req_ids: set[str]) -> Any:
+        results = self._originals["get_transfer_results"](finished_req_ids)
+        if self.enabled:
+            with contained("kv.get_transfer_results", on_error=self._disable):
+                self._edit_results(results, finished_req_ids)
+        return results
+
+    # --- the watch ----------------------------------------------------------
+    def _metadata(self) -> Any | None:
+        has = getattr(self.connector, "has_connector_metadata", None)
+        if has is not None and not has():
+            return None
+        return self.connector._get_connector_metadata()
+
+    def _admit_new_loads(self) -> None:
+        metadata = self._metadata()
+        if metadata is None:
+            return
+        if self.adapter is not None:
+            self.adapter.observe_metadata(metadata)
+        for req_id, raw in (getattr(metadata, RECV_PLAN_ATTR, None) or {}).items():
+            if req_id in self._loads or req_id in self._settled:
+                continue
+            plan = RecvPlan.from_dict(raw)
+            self.recv.start(req_id)
+            self._loads[req_id] = _Load(plan, plan.num_blocks * self._bytes_per_block)
+
+    def _observe_phases(self) -> None:
+        if self.adapter is None:
+            for req_id, load in self._loads.items():
+                self._try(req_id, RecvEvent.POSTED)
+                load.posted_at = load.posted_at or time.monotonic()
+            return
+        for req_id, load in self._loads.items():
+            transfer = self.recv.get(req_id)
+            if transfer is None:
+                continue
+            phase = self.adapter.phase(req_id, load.plan.remote_engine_id)
+            if phase == "handshaking" and transfer.state is Recv.WAITING:
+                self._try(req_id, RecvEvent.HANDSHAKE)
+            elif phase == "pulling" and transfer.state in (Recv.WAITING, Recv.HANDSHAKING):
+                if transfer.state is Recv.HANDSHAKING:
+                    self.deadlines.observe(
+                        Phase.HANDSHAKE, time.monotonic() - transfer.phase_started
+                    )
+                else:
+                    self.deadlines.observe(
+                        Phase.FIRST_PROGRESS, time.monotonic() - transfer.phase_started
+                    )
+                self._try(req_id, RecvEvent.POSTED)
+                load.posted_at = time.monotonic()
+
+    def _try(self, req_id: str, event: RecvEvent, cause: str | None = None) -> bool:
+        try:
+            self.recv.apply(req_id, event, cause=cause)
+            return True
+        except IllegalTransition:
+            return False
+
+    def _edit_results(self, results: Any, finished_req_ids: set[str]) -> None:
+        now = time.monotonic()
+        done = results.finished_recving
+        failed = results.failed_recving
+        # 1. Completions of loads we already settled: fenced, never reported twice.
+        for req_id in list(done):
+            if req_id in self._settled:
+                done.discard(req_id)
+                failed.discard(req_id)
+                self._event("kv.late_completion_fenced", request_id=req_id)
+        # 2. Requests vLLM ended (aborted) while loading.
+        for req_id in finished_req_ids & set(self._loads):
+            if self._try(req_id, RecvEvent.ABORT):
+                self._forget(req_id)
+        # 3. New completions and transport failures from the connector.
+        for req_id in list(done):
+            load = self._loads.get(req_id)
+            if load is None:
+                continue
+            done.discard(req_id)
+            if req_id in failed:
+                failed.discard(req_id)
+                self._detected(req_id, RecvEvent.ERROR, "transport", transport_done=True)
+                continue
+            self._completed(req_id, load, now)
+        # 4. Held completions: fault delays, lease checks.
+        for req_id, load in list(self._loads.items()):
+            transfer = self.recv.get(req_id)
+            if transfer is None or transfer.state is not Recv.VERIFYING:
+                continue
+            if load.release_at is not None and now < load.release_at:
+                continue
+            if load.check is None:
+                self._start_check(req_id, load)
+            if load.check is not None and load.check.done():
+                self._finish_check(req_id, load)
+        # 5. Deadlines.
+        for req_id, load in list(self._loads.items()):
+            transfer = self.recv.get(req_id)
+            if transfer is None:
+                continue
+            if transfer.state in _PHASE_OF:
+                phase = _PHASE_OF[transfer.state]
+                limit = self.deadlines.deadline(phase, load.nbytes)
+                if load.release_at is not None:
+                    limit += max(0.0, load.release_at - transfer.phase_started)
+                elapsed = now - transfer.phase_started
+                if elapsed > limit:
+                    self._event(
+                        "kv.deadline_missed",
+                        request_id=req_id,
+                        phase=phase.value,
+                        deadline_s=round(limit, 3),
+                        elapsed_s=round(elapsed, 3),
+                        nbytes=load.nbytes,
+                    )
+                    self._detected(req_id, RecvEvent.DEADLINE, f"deadline:{phase.value}")
+            elif transfer.state in (Recv.TIMED_OUT, Recv.BROKEN, Recv.STALE):
+                self._recover(req_id, transfer_done=False)  # a cancel NIXL refused before
+        # 6. Report what was settled this step.
+        for req_id in list(self._loads):
+            if req_id in self._ready_ok:
+                done.add(req_id)
+                self._forget(req_id)
+            elif req_id in self._ready_failed:
+                done.add(req_id)
+                failed.add(req_id)
+                self._forget(req_id)
+        self._ready_ok.clear()
+        self._ready_failed.clear()
+        if self.on_change is not None:
+            self.on_change()
+
+    def _completed(self, req_id: str, load: _Load, now: float) -> None:
+        transfer = self.recv.get(req_id)
+        if transfer is None or not self._try(req_id, RecvEvent.DONE):
+            return
+        started = load.posted_at or transfer.started
+        self.deadlines.observe(Phase.TRANSFER, now - started, load.nbytes or None)
+        load.done_at = now
+        fault = self.settings.fault
+        if fault.corrupt_p and self.dice.roll(fault.corrupt_p):
+            self._corrupt(load)
+            self._event("kv.fault_injected", fault="corrupt", request_id=req_id)
+            self._try(req_id, RecvEvent.LEASE_STALE, cause="corrupt")
+            self._recover(req_id, transfer_done=True, cause="transport")
+            return
+        if fault.drop_p and self.dice.roll(fault.drop_p):
+            self._event("kv.fault_injected", fault="drop", request_id=req_id)
+            load.release_at = float("inf")  # never reported: the deadline must catch it
+            return
+        if fault.delay_s:
+            self._event(
+                "kv.fault_injected", fault="delay", request_id=req_id, seconds=fault.delay_s
+            )
+            load.release_at = now + fault.delay_s
+
+    def _start_check(self, req_id: str, load: _Load) -> None:
+        plan = load.plan
+        if not (self.settings.kv_lease_check and plan.lease and plan.remote_request_id):
+            self._try(req_id, RecvEvent.LEASE_OK, cause="unchecked")
+            self._ready_ok.add(req_id)
+            return
+        endpoint = plan.lease[min(self.rank, len(plan.lease) - 1)]
+        timeout = self.deadlines.deadline(Phase.VERIFY)
+        load.timings["check_started"] = time.monotonic()
+        load.check = self.lease_client.check(endpoint, plan.remote_request_id, timeout)
+
+    def _finish_check(self, req_id: str, load: _Load) -> None:
+        assert load.check is not None
+        self.deadlines.observe(Phase.VERIFY, time.monotonic() - load.timings["check_started"])
+        try:
+            verdict = load.check.result()
+        except Exception as exc:
+            verdict, why = Verdict.UNKNOWN, f"no answer: {exc}"
+        else:
+            why = verdict.value
+        if verdict is Verdict.VALID:
+            self._try(req_id, RecvEvent.LEASE_OK)
+            self._ready_ok.add(req_id)
+            return
+        self._event(
+            "kv.stale_kv_refused",
+            request_id=req_id,
+            remote_request_id=load.plan.remote_request_id,
+            verdict=why,
+        )
+        if self._try(req_id, RecvEvent.LEASE_STALE, cause=f"lease:{verdict.value}"):
+            self._recover(req_id, transfer_done=True)
+
+    def _detected(
+        self, req_id: str, event: RecvEvent, cause: str, transport_done: bool = False
+    ) -> None:
+        if self._try(req_id, event, cause=cause):
+            if event is RecvEvent.ERROR:
+                self._event("kv.transfer_broken", request_id=req_id)
+            self._recover(req_id, transfer_done=transport_done)
+
+    def _recover(self, req_id: str, transfer_done: bool, cause: str | None = None) -> None:
+        """Cancel the load, then hand the request to vLLM's recompute or failure path."""
+        transfer = self.recv.get(req_id)
+        if transfer is None:
+            return
+        cancelled = transfer_done or self.adapter is None or self.adapter.cancel(req_id)
+        if self.adapter is not None and transfer_done:
+            self.adapter.fenced.add(req_id)
+        if not cancelled:
+            return  # NIXL could not cancel the read yet; the blocks stay this request's
+        self._try(req_id, RecvEvent.CANCELLED)
+        recompute = self.settings.kv_recovery == "recompute"
+        self._try(req_id, RecvEvent.RECOMPUTE if recompute else RecvEvent.FAIL)
+        self._event(
+            "kv.recovered" if recompute else "kv.failed_fast",
+            request_id=req_id,
+            cause=cause or transfer.cause,
+            action="recompute" if recompute else "fail",
+            after_s=round(time.monotonic() - transfer.started, 3),
+        )
+        self._ready_failed.add(req_id)
+
+    def _forget(self, req_id: str) -> None:
+        self._loads.pop(req_id, None)
+        self._settled.add(req_id)
+        if len(self._settled) > 65536:
+            self._settled.pop()
+
+    def _corrupt(self, load: _Load) -> None:
+        """Fault "corrupt": overwrite what arrived, so only a recompute gives the right answer."""
+        blocks = load.plan.local_blocks
+        total = _num_blocks(self.connector)
+        if not blocks or not total:
+            return
+        for tensor in self._kv_caches.values():
+            dim = next((i for i, n in enumerate(tensor.shape) if n == total), None)
+            if dim is not None:
+                index = tensor.new_tensor(blocks, dtype=_long(tensor))
+                tensor.index_fill_(dim, index, 7.0)
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "loading": {t.req_id: t.state.value for t in self.recv.live()},
+            "outcomes": dict(self.recv.outcomes),
+            "fenced": self.recv.fenced,
+            "leases_kept": len(self.leases.kept()),
+            "lease_counts": dict(self.leases.counts),
+            "stale_reads": self.leases.stale_reads,
+            "deadlines": self.deadlines.snapshot(),
+            "lease_endpoint": self.lease_server.endpoint if self.lease_server else None,
+        }
+
+
+def _side_channel_host() -> str:
+    try:
+        import vllm.envs as envs
+
+        host = envs.VLLM_NIXL_SIDE_CHANNEL_HOST
+    except Exception:
+        host = "127.0.0.1"
+    return "127.0.0.1" if host in ("localhost", "") else host
+
+
+def _num_blocks(connector: Any) -> int:
+    cfg = getattr(connector, "_kv_cache_config", None) or getattr(
+        connector, "kv_cache_config", None
+    )
+    return int(getattr(cfg, "num_blocks", 0) or 0)
+
+
+def _long(tensor: Any) -> Any:
+    import torch
+
+    return torch.long
