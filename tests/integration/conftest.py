@@ -143,16 +143,13 @@ class Service:
         return set(self.seen_pids)
 
 
-@pytest.fixture(scope="session")
-def service(tmp_path_factory) -> Service:
-    if not HAVE_VLLM:
-        pytest.skip("vLLM CPU stack not installed: run `nox -s tests`, which installs it")
-    run_dir = tmp_path_factory.mktemp("pd-run")
+def start_service(run_dir: Path, env: dict[str, str], *args: str) -> Service:
+    """Start `watchdog-kv serve` (real vLLM servers) and wait until its router is healthy."""
     port = free_port()
     stderr_path = run_dir / "supervisor.stderr"
     proc = subprocess.Popen(
-        cli("serve", "--port", str(port), "--run-dir", str(run_dir)),
-        env=base_env(),
+        cli("serve", "--port", str(port), "--run-dir", str(run_dir), *args),
+        env=env,
         stdout=subprocess.DEVNULL,
         stderr=open(stderr_path, "wb"),  # noqa: SIM115 - closed when the process exits
         start_new_session=True,
@@ -167,12 +164,26 @@ def service(tmp_path_factory) -> Service:
             os.killpg(proc.pid, signal.SIGTERM)  # the supervisor stops its servers on SIGTERM
         raise
     svc.remember_tree()
+    return svc
+
+
+def stop_service(svc: Service) -> None:
+    """SIGTERM the supervisor (it stops its servers); SIGKILL the tree if that hangs."""
+    if svc.proc.poll() is not None:
+        return
+    svc.proc.send_signal(signal.SIGTERM)
+    try:
+        svc.proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        for pid in svc.remember_tree():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="session")
+def service(tmp_path_factory) -> Service:
+    if not HAVE_VLLM:
+        pytest.skip("vLLM CPU stack not installed: run `nox -s tests`, which installs it")
+    svc = start_service(tmp_path_factory.mktemp("pd-run"), base_env())
     yield svc
-    if proc.poll() is None:  # the shutdown test did not run (e.g. -k): clean up anyway
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            for pid in svc.remember_tree():
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
+    stop_service(svc)  # if the shutdown test did not run (e.g. -k)

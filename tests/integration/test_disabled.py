@@ -1,4 +1,7 @@
-"""WATCHDOG_KV_ENABLED=0 on a real vLLM server: the plugin loads, and installs nothing."""
+"""WATCHDOG_KV_ENABLED=0 on a real vLLM server: the plugin loads, and installs nothing.
+
+It also answers exactly like the supervised service with the plugin on.
+"""
 
 from __future__ import annotations
 
@@ -22,7 +25,28 @@ from .conftest import (
 pytestmark = [pytest.mark.vllm, requires_vllm]
 
 
-def test_disabled_plugin_installs_nothing_in_any_process(tmp_path):
+PROMPTS = [
+    "Hello",
+    "The prefill computes the prompt and the decode continues from its KV cache.",
+    "Numbers: 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25 26 27 28 "
+    "29 30 31 32 33 34 35 36 37 38 39 40",
+]
+
+
+def _texts(base: str, model: str) -> list[str]:
+    out = []
+    for prompt in PROMPTS:
+        code, body = http_json(
+            f"{base}/v1/completions",
+            {"model": model, "prompt": prompt, "max_tokens": 12, "temperature": 0},
+            timeout=180,
+        )
+        assert code == 200, body
+        out.append(body["choices"][0]["text"])
+    return out
+
+
+def test_disabled_plugin_installs_nothing_in_any_process(tmp_path, service):
     from watchdog_kv import config
 
     cache = config.load(base_env()).cache_dir
@@ -63,6 +87,12 @@ def test_disabled_plugin_installs_nothing_in_any_process(tmp_path):
             timeout=120,
         )
         assert code == 200 and body["choices"][0]["text"]
+        # e. Same prompts, plugin off (this plain server) and on (the supervised
+        # prefill/decode service, every hook installed): identical outputs.
+        off = _texts(f"http://127.0.0.1:{port}", "tiny")
+        on = _texts(service.url, "watchdog-kv-tiny")
+        assert on == off
+        assert all(off)
     finally:
         server.stop(grace=30)
     assert left_in_groups([server.pid]) == []

@@ -75,30 +75,31 @@ def watches() -> list[Any]:
         return list(_watches)
 
 
-def _patch_factory(module: Any) -> None:
+def _replace(owner: Any, name: str, make: Callable[[Any], Any]) -> None:
+    """Set ``owner.name`` to ``make(original)``, remembering the original for uninstall."""
     with _lock, contained("kv.install"):
         if _settings is None:
             return
-        cls = module.KVConnectorFactory
-        original = cls.__dict__["create_connector"]
+        original = owner.__dict__[name]
+        setattr(owner, name, make(original))
+        _patches.append((owner, name, original))
 
+
+def _patch_factory(module: Any) -> None:
+    def make(original: Any) -> Any:
         def create_connector(klass: Any, *args: Any, **kwargs: Any) -> Any:
             connector = original.__func__(klass, *args, **kwargs)
             role = kwargs.get("role", args[1] if len(args) > 1 else None)
             _attach(connector, getattr(role, "name", str(role)))
             return connector
 
-        cls.create_connector = classmethod(create_connector)
-        _patches.append((cls, "create_connector", original))
+        return classmethod(create_connector)
+
+    _replace(module.KVConnectorFactory, "create_connector", make)
 
 
 def _patch_scheduler(module: Any) -> None:
-    with _lock, contained("kv.install"):
-        if _settings is None:
-            return
-        cls = module.Scheduler
-        original = cls.__dict__["__init__"]
-
+    def make(original: Any) -> Any:
         def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
             original(self, *args, **kwargs)
             settings = _settings
@@ -108,8 +109,9 @@ def _patch_scheduler(module: Any) -> None:
 
                     patch_scheduler_recovery(self, settings)
 
-        cls.__init__ = __init__
-        _patches.append((cls, "__init__", original))
+        return __init__
+
+    _replace(module.Scheduler, "__init__", make)
 
 
 def _attach(connector: Any, role: str) -> None:

@@ -34,7 +34,7 @@ from watchdog_kv.kv.lease import LEASE_PARAM
 from watchdog_kv.kv.worker import RECV_PLAN_ATTR, RecvPlan
 from watchdog_kv.telemetry import get_logger
 
-__all__ = ["SchedulerWatch", "patch_scheduler_recovery"]
+__all__ = ["SchedulerWatch", "bad_remote_params", "patch_scheduler_recovery"]
 
 _log = get_logger("watchdog_kv.kv")
 
@@ -49,6 +49,7 @@ class SchedulerWatch:
         self._lease_endpoints: list[str] | None = None
         self._lease_looked_at = 0.0
         self.leases_advertised = 0
+        self.refused_params = 0
         self._originals: dict[str, Any] = {}
         for name in (
             "get_num_new_matched_tokens",
@@ -73,6 +74,9 @@ class SchedulerWatch:
         self.enabled = False
 
     def _get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> Any:
+        if self.enabled:
+            with contained("kv.check_params", on_error=self._disable):
+                self._refuse_bad_params(request)
         result = self._originals["get_num_new_matched_tokens"](request, num_computed_tokens)
         if self.enabled:
             with contained("kv.get_num_new_matched_tokens", on_error=self._disable):
@@ -80,6 +84,23 @@ class SchedulerWatch:
                 if count and load_async:
                     self._async[request.request_id] = int(count)
         return result
+
+    def _refuse_bad_params(self, request: Any) -> None:
+        """Malformed remote-prefill parameters: compute the prompt here instead.
+
+        Stock NixlConnector takes them as given; a block id list that is not a list
+        of integers stops the whole decode engine. A request whose parameters do
+        not hold together is computed locally -- the same answer -- and logged.
+        """
+        params = request.kv_transfer_params
+        if not isinstance(params, dict) or not params.get("do_remote_prefill"):
+            return
+        problem = bad_remote_params(params)
+        if problem is None:
+            return
+        _log.warning("kv.bad_transfer_params", request_id=request.request_id, problem=problem)
+        request.kv_transfer_params = {**params, "do_remote_prefill": False}
+        self.refused_params += 1
 
     def _update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> Any:
         result = self._originals["update_state_after_alloc"](request, blocks, num_external_tokens)
@@ -157,6 +178,42 @@ class SchedulerWatch:
         self._lease_endpoints = [found[r] for r in sorted(found)]
         _log.info("kv.lease_servers", endpoints=self._lease_endpoints)
         return self._lease_endpoints
+
+
+_INT32 = 2**31
+
+
+def _is_int(value: Any, low: int, high: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value < high
+
+
+def bad_remote_params(params: dict[str, Any]) -> str | None:
+    """Why NIXL-style remote-prefill ``kv_transfer_params`` cannot be used, or None."""
+    for key in ("remote_engine_id", "remote_request_id", "remote_host"):
+        if not isinstance(params.get(key), str) or not params[key]:
+            return f"{key} must be a non-empty string, got {params.get(key)!r}"
+    if not _is_int(params.get("remote_port"), 1, 65536):
+        return f"remote_port must be an integer port, got {params.get('remote_port')!r}"
+    blocks = params.get("remote_block_ids")
+    if not isinstance(blocks, list) or not all(isinstance(group, list) for group in blocks):
+        return f"remote_block_ids must be a list of lists of block ids, got {blocks!r}"[:200]
+    if not all(_is_int(b, 0, _INT32) for group in blocks for b in group):
+        return "remote_block_ids must hold integers from 0 to 2**31-1"
+    for key in ("tp_size", "dcp_size", "pp_size"):
+        if key in params and not _is_int(params[key], 1, 1 << 16):
+            return f"{key} must be a positive integer, got {params[key]!r}"
+    if params.get("remote_num_tokens") is not None and not _is_int(
+        params["remote_num_tokens"], 0, _INT32
+    ):
+        return (
+            f"remote_num_tokens must be a non-negative integer, got {params['remote_num_tokens']!r}"
+        )
+    lease = params.get(LEASE_PARAM)
+    if lease is not None and not (
+        isinstance(lease, list) and lease and all(isinstance(e, str) for e in lease)
+    ):
+        return f"{LEASE_PARAM} must be a list of addresses, got {lease!r}"[:200]
+    return None
 
 
 def _block_size(connector: Any) -> int:

@@ -5,8 +5,9 @@ Start-up is bounded: each server must answer ``GET /health`` with 200 within
 healthy in time, is a :class:`StartupError` naming it with its last log lines,
 and every process already started is stopped before the error is raised.
 
-Once running, :meth:`Supervisor.wait_for_exit` returns the first server that
-exits on its own. Restarting it is the job of a later version; for now the
+Once running, :meth:`Supervisor.wait_for_exit` returns the first decode server
+that exits on its own (a prefill that exits only degrades the service).
+Restarting it is the job of a later version; for now the
 caller shuts everything down and reports.
 """
 
@@ -208,18 +209,27 @@ class Supervisor:
             await asyncio.sleep(0.5)
 
     async def wait_for_exit(self, poll_s: float = 0.5) -> _Server:
-        """Return the first server whose process exits while we are not stopping."""
+        """Return the first *decode* server whose process exits while we are not stopping.
+
+        A prefill server that exits is logged and marked ``exited`` (the router's
+        health turns 503) but the service goes on: requests already handed to a
+        decode finish there -- their KV loads recover by recomputing.
+        Restarting servers is not done yet.
+        """
         while True:
             for srv in self.servers.values():
                 code = srv.proc.poll()
-                if code is not None and not self._stopping:
-                    srv.state, srv.exit_code = "exited", code
-                    _log.error(
-                        "server.exited",
-                        server=srv.spec.name,
-                        exit_code=code,
-                        last_lines=srv.proc.tail(10),
-                    )
+                if code is None or self._stopping or srv.state == "exited":
+                    continue
+                srv.state, srv.exit_code = "exited", code
+                _log.error(
+                    "server.exited",
+                    server=srv.spec.name,
+                    exit_code=code,
+                    last_lines=srv.proc.tail(10),
+                    service="stopping" if srv.spec.role == "decode" else "degraded",
+                )
+                if srv.spec.role == "decode":
                     return srv
             await asyncio.sleep(poll_s)
 

@@ -3,7 +3,8 @@
 The router binds first (so a taken port is an error before any vLLM process
 starts, and clients get 503 while the servers warm up), then the servers start.
 SIGINT or SIGTERM at any point, start-up included, stops every process that was
-started. A server that exits on its own ends the service with a non-zero code.
+started. A decode server that exits on its own ends the service with a non-zero
+code; a prefill server that exits leaves it running, degraded (health 503).
 """
 
 from __future__ import annotations

@@ -1,0 +1,212 @@
+"""KV-transfer failures on real prefill/decode servers: never a hang, never stale KV.
+
+Each test makes the hand-off by hand (prefill request, then the decode request
+with the prefill's ``kv_transfer_params``) so the fault can be placed between the
+two, and compares the decode's answer with the decode server computing the same
+prompt itself (greedy, its own prefix cache bypassed with a ``cache_salt``).
+
+Two services: the session's shared one (default settings), and a rehearsal one
+started here with fault injection (``stall_handshake``), a 3 s NIXL lease and a
+20 s deadline floor, which reproduces the stock stall of FIELD-NOTES: the decode
+is held up while the prefill's lease runs out, then reads the released blocks.
+"""
+
+from __future__ import annotations
+
+import calendar
+import json
+import os
+import signal
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from .conftest import base_env, events, http_json, requires_vllm, start_service, stop_service
+
+pytestmark = [pytest.mark.vllm, requires_vllm]
+
+MODEL = "watchdog-kv-tiny"
+RECOMPUTE_ALLOWANCE_S = 30  # a local prefill of a short prompt plus decoding, on 2 busy cores
+
+
+class Servers:
+    def __init__(self, svc) -> None:
+        status = svc.status()
+        self.svc = svc
+        servers = status["servers"]
+        self.prefill = servers["prefill-0"]["url"]
+        self.decode = servers["decode-0"]["url"]
+        self.prefill_log = Path(servers["prefill-0"]["log"])
+        self.decode_log = Path(servers["decode-0"]["log"])
+        self.prefill_pid = servers["prefill-0"]["pid"]
+        records = [r for r in status["processes"] if r["server"] == "prefill-0"]
+        self.prefill_engine = [r["pid"] for r in records if r["role"] in ("engine_core", "worker")]
+
+    @staticmethod
+    def _complete(url: str, prompt: str, timeout: float, **extra) -> tuple[int, dict, float]:
+        t0 = time.monotonic()
+        body = {"model": MODEL, "prompt": prompt, "max_tokens": 16, "temperature": 0, **extra}
+        code, answer = http_json(f"{url}/v1/completions", body, timeout=timeout)
+        return code, answer, time.monotonic() - t0
+
+    def prefill_params(self, prompt: str) -> dict:
+        code, body, _ = self._complete(
+            self.prefill,
+            prompt,
+            120,
+            max_tokens=1,
+            kv_transfer_params={"do_remote_decode": True},
+        )
+        assert code == 200, body
+        return body["kv_transfer_params"]
+
+    def decode_with(
+        self, prompt: str, params: dict, timeout: float = 180
+    ) -> tuple[int, str, float]:
+        code, body, elapsed = self._complete(
+            self.decode, prompt, timeout, kv_transfer_params=params
+        )
+        return code, body["choices"][0]["text"] if code == 200 else json.dumps(body), elapsed
+
+    def local(self, prompt: str) -> str:
+        code, body, _ = self._complete(self.decode, prompt, 180, cache_salt=uuid.uuid4().hex)
+        assert code == 200, body
+        return body["choices"][0]["text"]
+
+
+def kv_events(log: Path, name: str, since: float) -> list[dict]:
+    """watchdog_kv events called ``name`` in a server log, logged after ``since`` (epoch s)."""
+    out = []
+    for e in events(log.read_text()):
+        if e.get("event") != name:
+            continue
+        stamp = calendar.timegm(time.strptime(e["timestamp"][:19], "%Y-%m-%dT%H:%M:%S"))
+        if stamp >= int(since):
+            out.append(e)
+    return out
+
+
+def report(name: str, seconds: float) -> None:
+    print(f"\n[measured] {name}: {seconds:.2f} s from fault to correct answer")
+
+
+# --- the shared service -------------------------------------------------------
+
+
+def test_stopped_prefill_engine_is_recovered_by_recompute(service):
+    """a. SIGSTOP the prefill's engine right after it answered: stock waits forever."""
+    s = Servers(service)
+    prompt = "Recovery a: the prefill engine stops right after it answered the prefill."
+    params = s.prefill_params(prompt)
+    since = time.time()
+    for pid in s.prefill_engine:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        code, text, elapsed = s.decode_with(prompt, params)
+    finally:
+        for pid in s.prefill_engine:
+            os.kill(pid, signal.SIGCONT)
+    assert code == 200, text
+    assert text == s.local(prompt)
+    missed = kv_events(s.decode_log, "kv.deadline_missed", since)
+    recovered = kv_events(s.decode_log, "kv.recovered", since)
+    assert missed and recovered, "the decode did not record the deadline and the recovery"
+    assert recovered[0]["action"] == "recompute"
+    assert elapsed < missed[0]["deadline_s"] + RECOMPUTE_ALLOWANCE_S
+    report("stopped prefill engine", elapsed)
+
+
+BAD_PARAMS = {
+    "block ids out of range": lambda p: {**p, "remote_block_ids": [[10**6]]},
+    "block ids not a list": lambda p: {**p, "remote_block_ids": "nonsense"},
+    "block id beyond int32": lambda p: {**p, "remote_block_ids": [[2**40]]},
+    "unreachable port": lambda p: {**p, "remote_port": 1, "remote_engine_id": str(uuid.uuid4())},
+    "unknown engine id": lambda p: {**p, "remote_engine_id": str(uuid.uuid4())},
+    "no host": lambda p: {k: v for k, v in p.items() if k != "remote_host"},
+    "lease server unreachable": lambda p: {**p, "watchdog_kv_lease": ["tcp://127.0.0.1:1"]},
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_PARAMS))
+def test_malformed_transfer_params_give_the_right_answer_not_a_hang(service, case):
+    """d. Bad kv_transfer_params: the prompt is recomputed (or refused), within the deadline."""
+    s = Servers(service)
+    prompt = f"Recovery d: {case}."
+    params = BAD_PARAMS[case](s.prefill_params(prompt))
+    code, text, elapsed = s.decode_with(prompt, params, timeout=120)
+    if 400 <= code < 500:
+        return  # refused with a client error: also an acceptable, bounded outcome
+    assert code == 200, f"{case}: {text}"
+    assert text == s.local(prompt)
+    floor = 5.0  # the shared service runs with the default deadline floor
+    assert elapsed < 2 * floor + RECOMPUTE_ALLOWANCE_S
+    assert http_json(f"{s.decode}/health")[0] == 200, "the decode server did not survive"
+
+
+# --- the rehearsal service ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def rehearsal(tmp_path_factory):
+    env = base_env(
+        WATCHDOG_KV_FAULT="stall_handshake:8",
+        WATCHDOG_KV_KV_DEADLINE_FLOOR="20",
+    )
+    svc = start_service(tmp_path_factory.mktemp("rehearsal"), env, "--kv-lease", "3")
+    yield svc
+    stop_service(svc)
+
+
+def test_read_after_the_lease_expired_is_never_used(rehearsal):
+    """c. The decode is held up (handshake stalled 8 s) while the prefill's 3 s lease ends."""
+    s = Servers(rehearsal)
+    prompt = "Recovery c: the decode is late and the prefill lease has already run out."
+    params = s.prefill_params(prompt)
+    remote = params["remote_request_id"]
+    assert params.get("watchdog_kv_lease"), "the prefill did not advertise its lease check"
+    since = time.time()
+    code, text, elapsed = s.decode_with(prompt, params)
+    assert code == 200, text
+    assert text == s.local(prompt)
+    # The prefill released the blocks on lease expiry (vLLM says so too)...
+    assert [
+        e for e in kv_events(s.prefill_log, "kv.lease_expired", since) if e["request_id"] == remote
+    ]
+    assert f"Releasing expired KV blocks for request {remote}" in s.prefill_log.read_text()
+    # ...the decode read them anyway (stock would use them), asked, and refused them.
+    refused = [
+        e
+        for e in kv_events(s.decode_log, "kv.stale_kv_refused", since)
+        if e["remote_request_id"] == remote
+    ]
+    assert refused and refused[0]["verdict"] == "stale", refused
+    recovered = kv_events(s.decode_log, "kv.recovered", since)
+    assert recovered and recovered[-1]["cause"] == "lease:stale"
+    # The late read was also counted on the prefill side.
+    assert kv_events(s.prefill_log, "kv.stale_read_detected", since)
+    report("read after lease expiry", elapsed)
+
+
+def test_killed_prefill_is_recovered_by_recompute(rehearsal):
+    """b. kill -9 of the whole prefill server after it answered."""
+    s = Servers(rehearsal)
+    prompt = "Recovery b: the prefill server is killed after it answered the prefill."
+    params = s.prefill_params(prompt)
+    since = time.time()
+    os.killpg(os.getpgid(s.prefill_pid), signal.SIGKILL)
+    code, text, elapsed = s.decode_with(prompt, params)
+    assert code == 200, text
+    assert text == s.local(prompt)
+    recovered = kv_events(s.decode_log, "kv.recovered", since)
+    assert recovered and recovered[0]["action"] == "recompute"
+    assert elapsed < 20 + 1 + RECOMPUTE_ALLOWANCE_S  # the rehearsal's deadline floor
+    report("killed prefill", elapsed)
+    # The supervisor saw the prefill go and keeps the decode serving, degraded.
+    deadline = time.monotonic() + 30
+    while rehearsal.status()["servers"]["prefill-0"]["state"] != "exited":
+        assert time.monotonic() < deadline, "the supervisor did not notice the prefill exit"
+        time.sleep(0.5)
+    assert http_json(f"{rehearsal.url}/health")[0] == 503
+    assert rehearsal.proc.poll() is None

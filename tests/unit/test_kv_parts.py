@@ -1,0 +1,118 @@
+"""Deadlines, fault specs, parameter checks and the lease check, without vLLM."""
+
+from __future__ import annotations
+
+import re
+import time
+
+import pytest
+
+from watchdog_kv import config
+from watchdog_kv.kv.deadlines import DeadlineConfig, Deadlines, Phase
+from watchdog_kv.kv.faults import FaultPlan, parse_faults
+from watchdog_kv.kv.lease import LeaseClient, LeaseServer
+from watchdog_kv.kv.scheduler import bad_remote_params
+from watchdog_kv.kv.states import LeaseEvent, LeaseTable, Verdict
+
+
+def _deadlines(**kw) -> Deadlines:
+    cfg = {"floor_s": 2.0, "cap_s": 60.0, "assumed_bandwidth_bps": 100e6, "slack": 4.0, **kw}
+    return Deadlines(DeadlineConfig(**cfg))
+
+
+def test_transfer_deadline_scales_with_bytes_between_floor_and_cap():
+    d = _deadlines()
+    assert d.deadline(Phase.TRANSFER, 0) == 2.0  # a small stuck transfer: the floor
+    assert d.deadline(Phase.TRANSFER, 500_000_000) == pytest.approx(22.0)  # 2 + 4 * 5 s
+    assert d.deadline(Phase.TRANSFER, 10**12) == 60.0  # never beyond the cap
+
+
+def test_transfer_deadline_follows_the_slowest_measured_bandwidth():
+    d = _deadlines()
+    d.observe(Phase.TRANSFER, 1.0, 10_000_000)  # 10 MB/s measured
+    d.observe(Phase.TRANSFER, 0.1, 10_000_000)  # 100 MB/s measured
+    assert d.bandwidth_bps() == pytest.approx(10e6)
+    assert d.deadline(Phase.TRANSFER, 50_000_000) == pytest.approx(2.0 + 4 * 5.0)
+
+
+def test_other_phases_learn_from_the_longest_seen():
+    d = _deadlines()
+    assert d.deadline(Phase.HANDSHAKE) == 2.0
+    d.observe(Phase.HANDSHAKE, 1.5)
+    assert d.deadline(Phase.HANDSHAKE) == pytest.approx(6.0)
+    d.observe(Phase.HANDSHAKE, 100.0)
+    assert d.deadline(Phase.HANDSHAKE) == 60.0
+
+
+def test_fault_spec_parses_and_rejects_with_the_accepted_forms():
+    assert parse_faults("") == FaultPlan()
+    plan = parse_faults("delay:1.5, drop:0.25,stall_handshake:8")
+    assert (plan.delay_s, plan.drop_p, plan.stall_handshake_s) == (1.5, 0.25, 8.0)
+    assert parse_faults("corrupt").corrupt_p == 1.0
+    for bad, says in [
+        ("explode:1", "unknown fault 'explode'"),
+        ("drop:2", "probability in (0, 1]"),
+        ("delay", "greater than 0"),
+        ("delay:1,delay:2", "given twice"),
+        ("drop:x", "takes probability"),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(says)):
+            parse_faults(bad)
+    with pytest.raises(config.ConfigError, match="WATCHDOG_KV_FAULT='drop:2'"):
+        config.load({"WATCHDOG_KV_FAULT": "drop:2"})
+
+
+GOOD = {
+    "do_remote_prefill": True,
+    "remote_block_ids": [[1, 2]],
+    "remote_engine_id": "e",
+    "remote_request_id": "r",
+    "remote_host": "127.0.0.1",
+    "remote_port": 5600,
+    "tp_size": 1,
+    "remote_num_tokens": 41,
+}
+
+
+@pytest.mark.parametrize(
+    "change, says",
+    [
+        ({"remote_block_ids": "nonsense"}, "list of lists"),
+        ({"remote_block_ids": [[2**40]]}, "2\\*\\*31"),
+        ({"remote_block_ids": [[-1]]}, "2\\*\\*31"),
+        ({"remote_block_ids": [[True]]}, "2\\*\\*31"),
+        ({"remote_port": 70000}, "remote_port"),
+        ({"remote_host": None}, "remote_host"),
+        ({"tp_size": 0}, "tp_size"),
+        ({"remote_num_tokens": "many"}, "remote_num_tokens"),
+        ({"watchdog_kv_lease": "tcp://x"}, "watchdog_kv_lease"),
+    ],
+)
+def test_bad_remote_params_are_named(change, says):
+    assert bad_remote_params(GOOD) is None
+    assert bad_remote_params({**GOOD, "remote_block_ids": [[]]}) is None
+    problem = bad_remote_params({**GOOD, **change})
+    assert problem is not None and re.search(says, problem), problem
+
+
+def test_lease_check_over_the_wire():
+    table = LeaseTable()
+    table.hold("kept")
+    table.hold("expired")
+    table.apply("expired", LeaseEvent.LEASE)
+    table.apply("expired", LeaseEvent.EXPIRE)
+    server = LeaseServer(table, "127.0.0.1")
+    client = LeaseClient()
+    try:
+        ask = lambda req: client.check(server.endpoint, req, 5).result(timeout=10)  # noqa: E731
+        assert ask("kept") is Verdict.VALID
+        assert ask("expired") is Verdict.STALE
+        assert ask("never-leased") is Verdict.UNKNOWN
+    finally:
+        server.close()
+    # A lease server that is gone is a timeout, which the decode treats as "not valid".
+    t0 = time.monotonic()
+    with pytest.raises(TimeoutError, match="did not answer"):
+        client.check(server.endpoint, "kept", 0.5).result(timeout=10)
+    assert time.monotonic() - t0 < 5
+    client.close()

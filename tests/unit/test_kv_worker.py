@@ -1,0 +1,184 @@
+"""The worker-side watch, driven step by step around a stand-in connector.
+
+The connector here is a fake (a real one needs a vLLM engine, which the
+integration tests run): it reports what the test tells it to, through the same
+method names and result object shape as vLLM 0.32's KVConnectorBase_V1.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+
+import pytest
+
+from watchdog_kv import config
+from watchdog_kv.kv.deadlines import Phase
+from watchdog_kv.kv.lease import LeaseServer
+from watchdog_kv.kv.states import LeaseEvent, LeaseTable
+from watchdog_kv.kv.worker import RECV_PLAN_ATTR, RecvPlan, WorkerWatch
+
+
+@dataclass
+class Results:  # the shape of vLLM's KVConnectorTransferResults
+    finished_sending: set[str] = field(default_factory=set)
+    finished_recving: set[str] = field(default_factory=set)
+    failed_recving: set[str] = field(default_factory=set)
+
+
+class Metadata:
+    pass
+
+
+class FakeConnector:
+    def __init__(self) -> None:
+        self.metadata = Metadata()
+        self.next_results = Results()
+        self.calls: list[str] = []
+
+    def has_connector_metadata(self) -> bool:
+        return True
+
+    def _get_connector_metadata(self) -> Metadata:
+        return self.metadata
+
+    def register_kv_caches(self, kv_caches):
+        self.calls.append("register_kv_caches")
+
+    def start_load_kv(self, forward_context, **kwargs):
+        self.calls.append("start_load_kv")
+
+    def get_transfer_results(self, finished_req_ids):
+        self.calls.append("get_transfer_results")
+        out, self.next_results = self.next_results, Results()
+        return out
+
+
+def _settings(**env: str) -> config.Settings:
+    base = {"WATCHDOG_KV_KV_DEADLINE_FLOOR": "0.2", "WATCHDOG_KV_KV_DEADLINE_CAP": "5"}
+    return config.load({**base, **env})
+
+
+def _plan(connector: FakeConnector, req: str, lease: list[str] | None = None) -> None:
+    plan = RecvPlan(req_id=req, num_blocks=1, remote_request_id=f"p-{req}", lease=lease)
+    setattr(connector.metadata, RECV_PLAN_ATTR, {req: asdict(plan)})
+
+
+def _step(watch_conn: FakeConnector, finished: set[str] | None = None) -> Results:
+    watch_conn.start_load_kv(None)
+    return watch_conn.get_transfer_results(finished or set())
+
+
+@pytest.fixture
+def connector():
+    conn = FakeConnector()
+    watch = WorkerWatch(conn, _settings(), rank=0)
+    yield conn, watch
+    watch.unhook()
+
+
+def test_unhook_restores_the_connectors_own_methods():
+    conn = FakeConnector()
+    before = {n: getattr(conn, n).__func__ for n in ("start_load_kv", "get_transfer_results")}
+    watch = WorkerWatch(conn, _settings(), rank=0)
+    assert conn.get_transfer_results.__func__ is not before["get_transfer_results"]
+    watch.unhook()
+    for name, func in before.items():
+        assert getattr(conn, name).__func__ is func
+    assert "get_transfer_results" not in vars(conn)
+
+
+def test_a_load_past_its_deadline_is_reported_failed_once_and_late_completion_fenced(connector):
+    conn, watch = connector
+    _plan(conn, "r1")
+    assert _step(conn) == Results()  # admitted, nothing to report yet
+    setattr(conn.metadata, RECV_PLAN_ATTR, {})
+    time.sleep(watch.deadlines.deadline(Phase.TRANSFER, 0) + 0.05)
+    out = _step(conn)
+    assert out.finished_recving == {"r1"} and out.failed_recving == {"r1"}
+    assert watch.recv.outcomes == {"recomputed": 1}
+    # The transport completes after all: vLLM's scheduler must not hear of it.
+    conn.next_results = Results(finished_recving={"r1"})
+    assert _step(conn) == Results()
+    assert _step(conn) == Results()  # and never twice
+
+
+def test_transport_failure_is_recovered(connector):
+    conn, watch = connector
+    _plan(conn, "r2")
+    _step(conn)
+    conn.next_results = Results(finished_recving={"r2"}, failed_recving={"r2"})
+    out = _step(conn)
+    assert out.finished_recving == {"r2"} and out.failed_recving == {"r2"}
+    assert watch.recv.outcomes == {"recomputed": 1}
+
+
+def test_abort_while_loading_ends_the_load(connector):
+    conn, watch = connector
+    _plan(conn, "r3")
+    _step(conn)
+    assert _step(conn, finished={"r3"}) == Results()
+    assert watch.recv.outcomes == {"aborted": 1}
+
+
+def _until_reported(conn: FakeConnector, timeout: float = 5.0) -> Results:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        out = _step(conn)
+        if out.finished_recving:
+            return out
+        time.sleep(0.01)
+    raise AssertionError("never reported")
+
+
+@pytest.mark.parametrize("expired", [False, True], ids=["lease held", "lease expired"])
+def test_completion_is_held_for_the_lease_check(expired):
+    leases = LeaseTable()
+    leases.hold("p-r4")
+    leases.apply("p-r4", LeaseEvent.LEASE)
+    if expired:
+        leases.apply("p-r4", LeaseEvent.EXPIRE)
+        leases.apply("p-r4", LeaseEvent.RELEASE)
+    server = LeaseServer(leases, "127.0.0.1")
+    conn = FakeConnector()
+    watch = WorkerWatch(conn, _settings(WATCHDOG_KV_KV_DEADLINE_FLOOR="2"), rank=0)
+    try:
+        _plan(conn, "r4", lease=[server.endpoint])
+        _step(conn)
+        setattr(conn.metadata, RECV_PLAN_ATTR, {})
+        conn.next_results = Results(finished_recving={"r4"})
+        held = _step(conn)
+        assert held == Results(), "the completion must wait for the prefill's answer"
+        out = _until_reported(conn)
+        assert out.finished_recving == {"r4"}
+        assert out.failed_recving == ({"r4"} if expired else set())
+        assert watch.recv.outcomes == {"recomputed" if expired else "received": 1}
+    finally:
+        watch.unhook()
+        server.close()
+
+
+def test_own_failure_disables_the_watch_and_vllm_results_pass_untouched(connector):
+    conn, watch = connector
+    setattr(conn.metadata, RECV_PLAN_ATTR, {"bad": {"no_such_field": 1}})
+    _step(conn)  # the plan does not parse: an internal error, contained
+    from watchdog_kv import guard
+
+    assert any("kv.start_load_kv" in e for e in guard.internal_errors())
+    guard.clear_internal_errors()
+    assert watch.enabled is False
+    conn.next_results = Results(finished_recving={"x"}, failed_recving={"x"})
+    assert _step(conn) == Results(finished_recving={"x"}, failed_recving={"x"})
+
+
+def test_vllm_exceptions_pass_through_untouched(connector):
+    conn, _watch = connector
+    boom = RuntimeError("vLLM's own error")
+
+    def raising(finished):
+        raise boom
+
+    _watch._originals["get_transfer_results"] = raising
+    with pytest.raises(RuntimeError) as info:
+        conn.get_transfer_results(set())
+    assert info.value is boom
