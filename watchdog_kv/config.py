@@ -96,6 +96,16 @@ def _int(raw: str) -> int:
         raise ValueError("expected a whole number such as 0 or 1234") from None
 
 
+def _non_negative_int(raw: str) -> int:
+    try:
+        value = int(raw.strip())
+    except ValueError:
+        raise ValueError("expected a whole number, 0 or more") from None
+    if value < 0:
+        raise ValueError("expected a whole number, 0 or more")
+    return value
+
+
 def _faults(raw: str) -> FaultPlan:
     return parse_faults(raw)
 
@@ -274,6 +284,18 @@ VARIABLES: tuple[Variable, ...] = (
         "answer in time) the prompt is recomputed. Needs watchdog_kv on the prefill.",
     ),
     Variable(
+        name="WATCHDOG_KV_NIXL_PROGRESS_DELAY_US",
+        attr="nixl_progress_delay_us",
+        parse=_non_negative_int,
+        default=lambda: 1000,
+        default_doc="1000",
+        accepted="a whole number of microseconds, 0 or more",
+        unit="µs",
+        doc="Poll timeout given to NIXL's UCX progress thread. NIXL 1.5's Python API "
+        "sets 0, which makes that thread spin a full core per vLLM worker even when "
+        "idle; the thread still wakes on UCX events. 0 leaves NIXL as it is.",
+    ),
+    Variable(
         name="WATCHDOG_KV_FAULT",
         attr="fault",
         parse=_faults,
@@ -314,6 +336,7 @@ class Settings:
     kv_deadline_cap_s: float = 120.0
     kv_assumed_bandwidth_mbps: float = 100.0
     kv_lease_check: bool = True
+    nixl_progress_delay_us: int = 1000
     fault: FaultPlan = field(default_factory=FaultPlan)
     fault_seed: int = 0
 

@@ -104,7 +104,7 @@ def test_lease_check_over_the_wire():
     server = LeaseServer(table, "127.0.0.1")
     client = LeaseClient()
     try:
-        ask = lambda req: client.check(server.endpoint, req, 5).result(timeout=10)  # noqa: E731
+        ask = lambda req: client.wait(server.endpoint, req, 5)  # noqa: E731
         assert ask("kept") is Verdict.VALID
         assert ask("expired") is Verdict.STALE
         assert ask("never-leased") is Verdict.UNKNOWN
@@ -113,6 +113,6 @@ def test_lease_check_over_the_wire():
     # A lease server that is gone is a timeout, which the decode treats as "not valid".
     t0 = time.monotonic()
     with pytest.raises(TimeoutError, match="did not answer"):
-        client.check(server.endpoint, "kept", 0.5).result(timeout=10)
+        client.wait(server.endpoint, "kept", 0.5)
     assert time.monotonic() - t0 < 5
     client.close()

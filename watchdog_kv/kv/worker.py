@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import time
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -83,8 +82,7 @@ class _Load:
     done_at: float | None = None
     release_at: float | None = None  # fault "delay": report no earlier than this
     dropped: bool = False  # fault "drop": the completion is swallowed
-    check: Future[Verdict] | None = None
-    timings: dict[str, float] = field(default_factory=dict)
+    asked_at: float | None = None  # when the prefill's lease server was asked
 
 
 class WorkerWatch:
@@ -260,16 +258,18 @@ class WorkerWatch:
                 continue
             self._completed(req_id, load, now)
         # 4. Held completions: fault delays, lease checks.
+        answers = self.lease_client.answers()
         for req_id, load in list(self._loads.items()):
             transfer = self.recv.get(req_id)
             if transfer is None or transfer.state is not Recv.VERIFYING:
                 continue
             if load.release_at is not None and now < load.release_at:
                 continue
-            if load.check is None:
+            if load.asked_at is None:
                 self._start_check(req_id, load)
-            if load.check is not None and load.check.done():
-                self._finish_check(req_id, load)
+            verdict = answers.get(load.plan.remote_request_id or "")
+            if load.asked_at is not None and verdict is not None:
+                self._finish_check(req_id, load, verdict)
         # 5. Deadlines.
         for req_id, load in list(self._loads.items()):
             transfer = self.recv.get(req_id)
@@ -338,19 +338,17 @@ class WorkerWatch:
             self._ready_ok.add(req_id)
             return
         endpoint = plan.lease[min(self.rank, len(plan.lease) - 1)]
-        timeout = self.deadlines.deadline(Phase.VERIFY)
-        load.timings["check_started"] = time.monotonic()
-        load.check = self.lease_client.check(endpoint, plan.remote_request_id, timeout)
+        load.asked_at = time.monotonic()
+        _log.debug("kv.lease_asked", request_id=req_id, remote_request_id=plan.remote_request_id)
+        if not self.lease_client.ask(endpoint, plan.remote_request_id):
+            _log.warning("kv.lease_ask_failed", request_id=req_id, endpoint=endpoint)
 
-    def _finish_check(self, req_id: str, load: _Load) -> None:
-        assert load.check is not None
-        self.deadlines.observe(Phase.VERIFY, time.monotonic() - load.timings["check_started"])
-        try:
-            verdict = load.check.result()
-        except Exception as exc:
-            verdict, why = Verdict.UNKNOWN, f"no answer: {exc}"
-        else:
-            why = verdict.value
+    def _finish_check(self, req_id: str, load: _Load, verdict: Verdict) -> None:
+        assert load.asked_at is not None
+        waited = time.monotonic() - load.asked_at
+        self.deadlines.observe(Phase.VERIFY, waited)
+        why = verdict.value
+        _log.debug("kv.lease_checked", request_id=req_id, verdict=why, waited_s=waited)
         if verdict is Verdict.VALID:
             self._try(req_id, RecvEvent.LEASE_OK)
             self._ready_ok.add(req_id)
