@@ -17,6 +17,7 @@ import calendar
 import json
 import os
 import signal
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -167,7 +168,21 @@ def test_read_after_the_lease_expired_is_never_used(rehearsal):
     remote = params["remote_request_id"]
     assert params.get("watchdog_kv_lease"), "the prefill did not advertise its lease check"
     since = time.time()
-    code, text, elapsed = s.decode_with(prompt, params)
+    # Other traffic keeps the prefill engine stepping: vLLM reaps expired leases only
+    # when its engine steps, and an idle prefill would keep the blocks (a valid read).
+    busy = threading.Event()
+
+    def other_traffic() -> None:
+        while not busy.is_set():
+            s._complete(s.prefill, "Other traffic on the prefill.", 60, max_tokens=32)
+
+    traffic = threading.Thread(target=other_traffic, daemon=True)
+    traffic.start()
+    try:
+        code, text, elapsed = s.decode_with(prompt, params)
+    finally:
+        busy.set()
+        traffic.join(timeout=120)
     assert code == 200, text
     assert text == s.local(prompt)
     # The prefill released the blocks on lease expiry (vLLM says so too)...
