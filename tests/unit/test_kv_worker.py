@@ -182,3 +182,49 @@ def test_vllm_exceptions_pass_through_untouched(connector):
     with pytest.raises(RuntimeError) as info:
         conn.get_transfer_results(set())
     assert info.value is boom
+
+
+def _completed_load(conn: FakeConnector, req: str) -> None:
+    _plan(conn, req)
+    _step(conn)
+    setattr(conn.metadata, RECV_PLAN_ATTR, {})
+    conn.next_results = Results(finished_recving={req})
+
+
+def test_fault_drop_swallows_the_completion_and_the_deadline_recovers():
+    conn = FakeConnector()
+    watch = WorkerWatch(conn, _settings(WATCHDOG_KV_FAULT="drop:1"), rank=0)
+    try:
+        _completed_load(conn, "d1")
+        assert _step(conn) == Results()  # the completion is dropped...
+        out = _until_reported(conn)  # ...until the verify-phase deadline passes
+        assert out.failed_recving == {"d1"}
+        assert watch.recv.outcomes == {"recomputed": 1}
+    finally:
+        watch.unhook()
+
+
+def test_fault_delay_reports_late_but_received():
+    conn = FakeConnector()
+    watch = WorkerWatch(conn, _settings(WATCHDOG_KV_FAULT="delay:0.3"), rank=0)
+    try:
+        _completed_load(conn, "d2")
+        t0 = time.monotonic()
+        out = _until_reported(conn)
+        assert time.monotonic() - t0 >= 0.3
+        assert out == Results(finished_recving={"d2"})
+        assert watch.recv.outcomes == {"received": 1}
+    finally:
+        watch.unhook()
+
+
+def test_fault_corrupt_is_reported_broken_and_recomputed():
+    conn = FakeConnector()
+    watch = WorkerWatch(conn, _settings(WATCHDOG_KV_FAULT="corrupt:1"), rank=0)
+    try:
+        _completed_load(conn, "d3")
+        out = _step(conn)
+        assert out.finished_recving == {"d3"} and out.failed_recving == {"d3"}
+        assert watch.recv.outcomes == {"recomputed": 1}
+    finally:
+        watch.unhook()

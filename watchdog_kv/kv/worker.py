@@ -263,7 +263,7 @@ class WorkerWatch:
             transfer = self.recv.get(req_id)
             if transfer is None or transfer.state is not Recv.VERIFYING:
                 continue
-            if load.release_at is not None and now < load.release_at:
+            if load.dropped or (load.release_at is not None and now < load.release_at):
                 continue
             if load.asked_at is None:
                 self._start_check(req_id, load)
@@ -323,7 +323,7 @@ class WorkerWatch:
             return
         if fault.drop_p and self.dice.roll(fault.drop_p):
             self._event("kv.fault_injected", fault="drop", request_id=req_id)
-            load.release_at = float("inf")  # never reported: the deadline must catch it
+            load.dropped = True  # never reported: the verify deadline must catch it
             return
         if fault.delay_s:
             self._event(
