@@ -156,6 +156,14 @@ def rehearsal(tmp_path_factory):
         WATCHDOG_KV_KV_DEADLINE_FLOOR="20",
     )
     svc = start_service(tmp_path_factory.mktemp("rehearsal"), env, "--kv-lease", "3")
+    # Warm both engines with plain generations (no hand-off, so no handshake yet):
+    # the first multi-token step of a fresh server took over 20 s here once, and a
+    # prefill stuck in a step cannot reap its expired leases.
+    s = Servers(svc)
+    for url in (s.prefill, s.decode):
+        for _ in range(2):
+            code, body, _ = s._complete(url, "Warm-up generation.", 300, max_tokens=32)
+            assert code == 200, body
     yield svc
     stop_service(svc)
 

@@ -88,19 +88,76 @@ def test_unhook_restores_the_connectors_own_methods():
     assert "get_transfer_results" not in vars(conn)
 
 
-def test_a_load_past_its_deadline_is_reported_failed_once_and_late_completion_fenced(connector):
-    conn, watch = connector
-    _plan(conn, "r1")
-    assert _step(conn) == Results()  # admitted, nothing to report yet
-    setattr(conn.metadata, RECV_PLAN_ATTR, {})
+class FakeAdapter:
+    """Stands in for the NIXL adapter: a transport that can (or cannot) cancel."""
+
+    def __init__(self, can_cancel: bool) -> None:
+        self.can_cancel = can_cancel
+        self.fenced: set[str] = set()
+        self.cancelled: list[str] = []
+
+    def phase(self, req_id, remote_engine_id):
+        return "pulling"
+
+    def cancel(self, req_id) -> bool:
+        self.cancelled.append(req_id)
+        return self.can_cancel
+
+    def observe_metadata(self, metadata) -> None:
+        pass
+
+    def unhook(self) -> None:
+        pass
+
+
+def _past_deadline(watch: WorkerWatch) -> None:
     time.sleep(watch.deadlines.deadline(Phase.TRANSFER, 0) + 0.05)
+
+
+def test_a_cancelled_load_is_reported_failed_once_and_late_completion_fenced(connector):
+    conn, watch = connector
+    watch.adapter = FakeAdapter(can_cancel=True)
+    _plan(conn, "r1")
+    assert _step(conn) == Results()  # admitted, posted, nothing to report yet
+    setattr(conn.metadata, RECV_PLAN_ATTR, {})
+    _past_deadline(watch)
     out = _step(conn)
+    assert watch.adapter.cancelled == ["r1"]
     assert out.finished_recving == {"r1"} and out.failed_recving == {"r1"}
     assert watch.recv.outcomes == {"recomputed": 1}
     # The transport completes after all: vLLM's scheduler must not hear of it.
     conn.next_results = Results(finished_recving={"r1"})
     assert _step(conn) == Results()
     assert _step(conn) == Results()  # and never twice
+
+
+def test_without_a_cancel_the_blocks_go_back_only_when_the_transfer_is_over(connector):
+    conn, watch = connector  # no adapter: a connector watchdog_kv cannot cancel
+    _plan(conn, "r5")
+    _step(conn)
+    setattr(conn.metadata, RECV_PLAN_ATTR, {})
+    _past_deadline(watch)
+    assert _step(conn) == Results()  # deadline passed, but the transfer may still write
+    assert _step(conn) == Results()
+    conn.next_results = Results(finished_recving={"r5"})  # now it is over
+    out = _step(conn)
+    assert out.finished_recving == {"r5"} and out.failed_recving == {"r5"}
+    assert watch.recv.outcomes == {"recomputed": 1}
+
+
+def test_a_refused_cancel_is_retried_and_the_blocks_stay_until_it_succeeds(connector):
+    conn, watch = connector
+    watch.adapter = FakeAdapter(can_cancel=False)
+    _plan(conn, "r6")
+    _step(conn)
+    setattr(conn.metadata, RECV_PLAN_ATTR, {})
+    _past_deadline(watch)
+    assert _step(conn) == Results()
+    assert _step(conn) == Results()
+    assert watch.adapter.cancelled == ["r6", "r6"]
+    watch.adapter.can_cancel = True
+    out = _step(conn)
+    assert out.finished_recving == {"r6"} and out.failed_recving == {"r6"}
 
 
 def test_transport_failure_is_recovered(connector):
@@ -113,12 +170,52 @@ def test_transport_failure_is_recovered(connector):
     assert watch.recv.outcomes == {"recomputed": 1}
 
 
-def test_abort_while_loading_ends_the_load(connector):
+def test_abort_while_loading_leaves_the_completion_to_the_connector(connector):
     conn, watch = connector
     _plan(conn, "r3")
     _step(conn)
     assert _step(conn, finished={"r3"}) == Results()
     assert watch.recv.outcomes == {"aborted": 1}
+    # vLLM frees an aborted load's blocks when it is reported finished: let it through.
+    conn.next_results = Results(finished_recving={"r3"})
+    assert _step(conn) == Results(finished_recving={"r3"})
+
+
+def test_abort_of_a_held_completion_reports_it_at_once():
+    leases = LeaseTable()  # a prefill that never answers: the completion stays held
+    server = LeaseServer(leases, "127.0.0.1")
+    server.close()
+    conn = FakeConnector()
+    watch = WorkerWatch(conn, _settings(WATCHDOG_KV_KV_DEADLINE_FLOOR="5"), rank=0)
+    try:
+        _plan(conn, "r7", lease=[server.endpoint])
+        _step(conn)
+        setattr(conn.metadata, RECV_PLAN_ATTR, {})
+        conn.next_results = Results(finished_recving={"r7"})
+        assert _step(conn) == Results()  # held for the lease check
+        assert _step(conn, finished={"r7"}) == Results(finished_recving={"r7"})
+        assert watch.recv.outcomes == {"aborted": 1}
+    finally:
+        watch.unhook()
+
+
+def test_disable_hands_held_completions_back_as_failed():
+    leases = LeaseTable()
+    server = LeaseServer(leases, "127.0.0.1")
+    server.close()
+    conn = FakeConnector()
+    watch = WorkerWatch(conn, _settings(WATCHDOG_KV_KV_DEADLINE_FLOOR="5"), rank=0)
+    try:
+        _plan(conn, "r8", lease=[server.endpoint])
+        _step(conn)
+        setattr(conn.metadata, RECV_PLAN_ATTR, {})
+        conn.next_results = Results(finished_recving={"r8"})
+        assert _step(conn) == Results()  # held
+        watch._disable()  # as an internal error would
+        assert _step(conn) == Results(finished_recving={"r8"}, failed_recving={"r8"})
+        assert _step(conn) == Results()
+    finally:
+        watch.unhook()
 
 
 def _until_reported(conn: FakeConnector, timeout: float = 5.0) -> Results:

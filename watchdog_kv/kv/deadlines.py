@@ -8,7 +8,9 @@ A phase's deadline is always within ``[floor, cap]`` (configuration):
 * ``transfer``: ``slack`` times the time the bytes take at the bandwidth
   measured so far (the slowest of the recent transfers, so one fast transfer
   does not make the next big one look stuck), plus the floor; before any
-  transfer was measured, at the assumed bandwidth from configuration.
+  transfer was measured, at the assumed bandwidth from configuration. Only
+  transfers of 8 MiB or more, or that took 0.5 s or more, count: a small one
+  measures latency and step timing, not the link.
 
 So a big transfer on a slow link gets a long deadline and a small stuck one
 is caught after the floor.
@@ -38,6 +40,7 @@ class DeadlineConfig:
     assumed_bandwidth_bps: float  # bytes per second before any transfer was measured
     slack: float = 4.0
     window: int = 32  # how many recent observations are kept per phase
+    bandwidth_min_bytes: int = 8 << 20  # smaller transfers only count if they took >= 0.5 s
 
 
 class Deadlines:
@@ -56,7 +59,10 @@ class Deadlines:
     def observe(self, phase: Phase, seconds: float, nbytes: int | None = None) -> None:
         with self._lock:
             self._seen[phase].append(max(seconds, 0.0))
-            if phase is Phase.TRANSFER and nbytes and seconds > 0:
+            # Small, fast transfers measure latency and step granularity, not the
+            # link: only transfers that took a while or moved a lot teach bandwidth.
+            big = nbytes is not None and nbytes >= self.config.bandwidth_min_bytes
+            if phase is Phase.TRANSFER and nbytes and seconds > 0 and (big or seconds >= 0.5):
                 self._bandwidth.append(nbytes / seconds)
 
     def bandwidth_bps(self) -> float:

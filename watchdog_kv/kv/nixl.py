@@ -23,12 +23,19 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from watchdog_kv.guard import contained
 from watchdog_kv.kv.states import IllegalTransition, LeaseEvent, LeaseTable
 from watchdog_kv.telemetry import get_logger
 
 __all__ = ["NixlAdapter", "nixl_worker_of"]
 
 _log = get_logger("watchdog_kv.kv.nixl")
+
+
+def _recent() -> Any:
+    from watchdog_kv.kv.worker import RecentSet  # the worker module imports this one
+
+    return RecentSet()
 
 
 def nixl_worker_of(connector: Any) -> Any | None:
@@ -50,7 +57,7 @@ class NixlAdapter:
     ) -> None:
         self.worker = worker
         self.leases = leases
-        self.fenced: set[str] = set()
+        self.fenced: Any = _recent()
         self._on_event = on_event
         self._patched: list[tuple[Any, str]] = []
         self._patch(worker, "_read_blocks_for_req", self._read_blocks_for_req)
@@ -104,7 +111,10 @@ class NixlAdapter:
         return True
 
     def _read_blocks_for_req(self, req_id: str, meta: Any) -> Any:
-        if req_id in self.fenced:
+        fenced = False
+        with contained("kv.nixl_fence"):
+            fenced = req_id in self.fenced
+        if fenced:
             # A handshake that finished after the load was cancelled: its blocks are
             # no longer this request's, so no read may be posted into them.
             self._on_event("kv.late_read_fenced", request_id=req_id)
@@ -113,7 +123,8 @@ class NixlAdapter:
 
     def _stalled_handshake(self, *args: Any, **kwargs: Any) -> Any:
         # Runs on NIXL's handshake thread, as a peer that does not answer would.
-        self._on_event("kv.fault_injected", fault="stall_handshake", seconds=self._stall_s)
+        with contained("kv.nixl_fault"):
+            self._on_event("kv.fault_injected", fault="stall_handshake", seconds=self._stall_s)
         time.sleep(self._stall_s)
         return self._orig__nixl_handshake(*args, **kwargs)  # type: ignore[attr-defined]
 
@@ -123,6 +134,8 @@ class NixlAdapter:
         for req_id in getattr(metadata, "reqs_in_batch", ()):
             self.leases.hold(req_id)
         for req_id in getattr(metadata, "reqs_to_send", {}):
+            # NIXL ignores an expiry for a request a decode already read (async
+            # scheduling); hold() does not bring a released entry back either.
             self.leases.hold(req_id)
             self._lease_apply(req_id, LeaseEvent.LEASE)
         for req_id in getattr(metadata, "reqs_not_processed", ()):
@@ -131,6 +144,11 @@ class NixlAdapter:
 
     def _raw_notifs(self) -> Any:
         notifs = self._orig_get_new_notifs()  # type: ignore[attr-defined]
+        with contained("kv.nixl_notifs"):
+            self._see_stale_reads(notifs)
+        return notifs
+
+    def _see_stale_reads(self, notifs: Any) -> None:
         kept = set(self.worker._reqs_to_send) | set(self.worker._reqs_to_process)
         for messages in notifs.values():
             for raw in messages:
@@ -143,22 +161,23 @@ class NixlAdapter:
                     self._lease_apply(req_id, LeaseEvent.READ)
                     if self.leases.stale_reads > before:
                         self._on_event("kv.stale_read_detected", request_id=req_id)
-        return notifs
 
     def _get_new_notifs(self) -> set[str]:
         read = self._orig__get_new_notifs()  # type: ignore[attr-defined]
-        for req_id in read:
-            if self._lease_apply(req_id, LeaseEvent.READ):
-                self._lease_apply(req_id, LeaseEvent.RELEASE)
+        with contained("kv.nixl_reads"):
+            for req_id in read:
+                if self._lease_apply(req_id, LeaseEvent.READ):
+                    self._lease_apply(req_id, LeaseEvent.RELEASE)
         return read
 
     def _reap_expired_send_leases(self, done_sending: set[str]) -> None:
         before = set(self.worker._reqs_to_send)
         self._orig__reap_expired_send_leases(done_sending)  # type: ignore[attr-defined]
-        for req_id in before - set(self.worker._reqs_to_send):
-            self._on_event("kv.lease_expired", request_id=req_id)
-            if self._lease_apply(req_id, LeaseEvent.EXPIRE):
-                self._lease_apply(req_id, LeaseEvent.RELEASE)
+        with contained("kv.nixl_expiry"):
+            for req_id in before - set(self.worker._reqs_to_send):
+                self._on_event("kv.lease_expired", request_id=req_id)
+                if self._lease_apply(req_id, LeaseEvent.EXPIRE):
+                    self._lease_apply(req_id, LeaseEvent.RELEASE)
 
     def _lease_apply(self, req_id: str, event: LeaseEvent) -> bool:
         try:

@@ -50,6 +50,9 @@ class SchedulerWatch:
         self._lease_looked_at = 0.0
         self.leases_advertised = 0
         self.refused_params = 0
+        # The parameter check knows NixlConnector's keys only (Mooncake, for one,
+        # uses others): other connectors' parameters are passed on unchecked.
+        self.nixl_params = "Nixl" in type(connector).__name__
         self._originals: dict[str, Any] = {}
         for name in (
             "get_num_new_matched_tokens",
@@ -93,7 +96,9 @@ class SchedulerWatch:
         not hold together is computed locally -- the same answer -- and logged.
         """
         params = request.kv_transfer_params
-        if not isinstance(params, dict) or not params.get("do_remote_prefill"):
+        if not self.nixl_params or not isinstance(params, dict):
+            return
+        if not params.get("do_remote_prefill"):
             return
         problem = bad_remote_params(params)
         if problem is None:

@@ -191,7 +191,8 @@ class RecvTable:
         self._lock = threading.Lock()
         self._live: dict[str, RecvTransfer] = {}
         self.outcomes: Counter[str] = Counter()
-        self.fenced = 0
+        self.fenced = 0  # events for loads already settled, or from a cancelled transfer
+        self.illegal = 0  # events the table does not allow in the current state
         self._listener = on_transition
 
     def start(self, req_id: str) -> RecvTransfer:
@@ -223,7 +224,7 @@ class RecvTable:
                 raise Fenced("recv", req_id, transfer.state, event, epoch, transfer.epoch)
             new = RECV.get((transfer.state, event))
             if new is None:
-                self.fenced += 1
+                self.illegal += 1
                 raise IllegalTransition("recv", req_id, transfer.state, event)
             old = transfer.state
             now = time.monotonic()
@@ -268,14 +269,14 @@ class LeaseTable:
         self._listener = on_transition
 
     def hold(self, req_id: str) -> None:
-        """The request's blocks are kept for a decode (idempotent while kept)."""
+        """The request's blocks are kept for a decode. Idempotent; never revives an
+        entry already released (request ids are unique, a release is final)."""
         with self._lock:
-            entry = self._entries.get(req_id)
-            if entry is not None and entry.state is not Lease.RELEASED:
+            if req_id in self._entries:
                 return
             self._entries[req_id] = _LeaseEntry(Lease.HELD, Lease.HELD)
-            self._entries.move_to_end(req_id)
-            self._trim()
+            if len(self._entries) > self._remember + 1024:
+                self._trim()
 
     def state(self, req_id: str) -> Lease | None:
         with self._lock:
@@ -320,9 +321,11 @@ class LeaseTable:
             return [k for k, e in self._entries.items() if e.state is not Lease.RELEASED]
 
     def _trim(self) -> None:
-        # Forget the oldest *released* entries first; kept ones are never dropped.
+        # Forget the oldest released entries first (in batches, so this is rare);
+        # entries still kept are dropped only beyond twice the limit -- a request
+        # vLLM never released -- and then answer "unknown", which fails closed.
         excess = len(self._entries) - self._remember
-        if excess <= 0:
-            return
         for key in [k for k, e in self._entries.items() if e.state is Lease.RELEASED][:excess]:
             del self._entries[key]
+        while len(self._entries) > 2 * self._remember:
+            self._entries.popitem(last=False)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,12 +51,34 @@ RECV_PLAN_ATTR = "watchdog_kv_recv"
 
 _log = get_logger("watchdog_kv.kv")
 
+_DETECTED = (Recv.TIMED_OUT, Recv.BROKEN, Recv.STALE)
+
 _PHASE_OF = {
     Recv.WAITING: Phase.FIRST_PROGRESS,
     Recv.HANDSHAKING: Phase.HANDSHAKE,
     Recv.PULLING: Phase.TRANSFER,
     Recv.VERIFYING: Phase.VERIFY,
 }
+
+
+class RecentSet:
+    """A set that forgets its oldest members beyond ``limit`` (FIFO)."""
+
+    def __init__(self, limit: int = 65536) -> None:
+        self._items: OrderedDict[str, None] = OrderedDict()
+        self._limit = limit
+
+    def add(self, item: str) -> None:
+        self._items[item] = None
+        self._items.move_to_end(item)
+        while len(self._items) > self._limit:
+            self._items.popitem(last=False)
+
+    def __contains__(self, item: object) -> bool:
+        return item in self._items
+
+    def __len__(self) -> int:
+        return len(self._items)
 
 
 @dataclass
@@ -82,6 +105,7 @@ class _Load:
     done_at: float | None = None
     release_at: float | None = None  # fault "delay": report no earlier than this
     dropped: bool = False  # fault "drop": the completion is swallowed
+    cancel_wait_logged: bool = False
     asked_at: float | None = None  # when the prefill's lease server was asked
 
 
@@ -102,12 +126,14 @@ class WorkerWatch:
         )
         self.dice = FaultDice(settings.fault, settings.fault_seed + rank)
         self._loads: dict[str, _Load] = {}
-        self._settled: set[str] = set()  # loads we reported; later completions are fenced
+        self._settled = RecentSet()  # loads we reported; later completions are fenced
+        self._orphans: set[str] = set()  # held completions to hand back after a disable
         self._ready_ok: set[str] = set()  # settled this step: report finished
         self._ready_failed: set[str] = set()  # settled this step: report finished + failed
         self._bytes_per_block = 0
         self._kv_caches: dict[str, Any] = {}
         self.adapter: NixlAdapter | None = None
+        self.leases_tracked = True
         self.lease_server: LeaseServer | None = None
         self.lease_client = LeaseClient()
         self._originals: dict[str, Any] = {}
@@ -141,9 +167,24 @@ class WorkerWatch:
             self.lease_server.close()
         self.lease_client.close()
 
+    def _stop_lease_tracking(self) -> None:
+        # Without bookkeeping every answer would be wrong: stop answering. Decodes
+        # then get no answer and recompute (fail closed), after their verify deadline.
+        self.leases_tracked = False
+        if self.lease_server is not None:
+            self.lease_server.close()
+        _log.error("kv.lease_tracking_stopped", reason="internal error")
+
     def _disable(self) -> None:
+        """Stop editing results. Completions we were holding go back to vLLM as failed
+        loads (recomputed) on the next step, so no request is left waiting for them."""
         self.enabled = False
-        _log.error("kv.watch_disabled", reason="internal error; the connector runs unwatched")
+        self._orphans = {r for r, load in self._loads.items() if load.done_at is not None}
+        _log.error(
+            "kv.watch_disabled",
+            reason="internal error; the connector runs unwatched",
+            handed_back=sorted(self._orphans),
+        )
 
     def _event(self, event: str, **fields: Any) -> None:
         level = "info" if event in ("kv.recv_ok",) else "warning"
@@ -164,6 +205,13 @@ class WorkerWatch:
         return result
 
     def _start_load_kv(self, forward_context: Any, **kwargs: Any) -> Any:
+        if self.adapter is not None and self.leases_tracked:
+            # The prefill's lease bookkeeping: kept even if the decode side disabled
+            # itself, since decodes elsewhere rely on the answers.
+            with contained("kv.lease_tracking", on_error=self._stop_lease_tracking):
+                metadata = self._metadata()
+                if metadata is not None:
+                    self.adapter.observe_metadata(metadata)
         if self.enabled:
             with contained("kv.start_load_kv", on_error=self._disable):
                 self._admit_new_loads()
@@ -176,8 +224,21 @@ class WorkerWatch:
     def _get_transfer_results(self, finished_req_ids: set[str]) -> Any:
         results = self._originals["get_transfer_results"](finished_req_ids)
         if self.enabled:
+            said_done = set(results.finished_recving)
+            said_failed = set(results.failed_recving)
+            edited = False
             with contained("kv.get_transfer_results", on_error=self._disable):
                 self._edit_results(results, finished_req_ids)
+                edited = True
+            if not edited:  # half-edited: what the connector said, minus what we reported
+                results.finished_recving.clear()
+                results.finished_recving.update(r for r in said_done if r not in self._settled)
+                results.failed_recving.clear()
+                results.failed_recving.update(r for r in said_failed if r not in self._settled)
+        if self._orphans:
+            results.finished_recving.update(self._orphans)
+            results.failed_recving.update(self._orphans)
+            self._orphans = set()
         return results
 
     # --- the watch ----------------------------------------------------------
@@ -191,8 +252,6 @@ class WorkerWatch:
         metadata = self._metadata()
         if metadata is None:
             return
-        if self.adapter is not None:
-            self.adapter.observe_metadata(metadata)
         for req_id, raw in (getattr(metadata, RECV_PLAN_ATTR, None) or {}).items():
             if req_id in self._loads or req_id in self._settled:
                 continue
@@ -203,8 +262,10 @@ class WorkerWatch:
     def _observe_phases(self) -> None:
         if self.adapter is None:
             for req_id, load in self._loads.items():
-                self._try(req_id, RecvEvent.POSTED)
-                load.posted_at = load.posted_at or time.monotonic()
+                transfer = self.recv.get(req_id)
+                if transfer is not None and transfer.state is Recv.WAITING:
+                    self._try(req_id, RecvEvent.POSTED)
+                    load.posted_at = time.monotonic()
             return
         for req_id, load in self._loads.items():
             transfer = self.recv.get(req_id)
@@ -242,21 +303,34 @@ class WorkerWatch:
                 done.discard(req_id)
                 failed.discard(req_id)
                 self._event("kv.late_completion_fenced", request_id=req_id)
-        # 2. Requests vLLM ended (aborted) while loading.
+        # 2. Requests vLLM ended (aborted) while loading. vLLM frees their blocks when
+        # the load is reported finished: a completion we hold is reported now; one
+        # still in the connector's hands is left for the connector to report.
         for req_id in finished_req_ids & set(self._loads):
+            held = self._loads[req_id].done_at is not None
             if self._try(req_id, RecvEvent.ABORT):
-                self._forget(req_id)
+                if held:
+                    done.add(req_id)
+                self._forget(req_id, settled=held)
         # 3. New completions and transport failures from the connector.
         for req_id in list(done):
             load = self._loads.get(req_id)
             if load is None:
                 continue
             done.discard(req_id)
-            if req_id in failed:
+            transfer = self.recv.get(req_id)
+            if transfer is not None and transfer.state in _DETECTED:
+                # Past its deadline and not cancellable: the connector is done with the
+                # blocks only now, so only now can they go back.
                 failed.discard(req_id)
+                load.done_at = now
+                self._recover(req_id, transfer_done=True)
+            elif req_id in failed:
+                failed.discard(req_id)
+                load.done_at = now
                 self._detected(req_id, RecvEvent.ERROR, "transport", transport_done=True)
-                continue
-            self._completed(req_id, load, now)
+            else:
+                self._completed(req_id, load, now)
         # 4. Held completions: fault delays, lease checks.
         answers = self.lease_client.answers()
         for req_id, load in list(self._loads.items()):
@@ -290,9 +364,14 @@ class WorkerWatch:
                         elapsed_s=round(elapsed, 3),
                         nbytes=load.nbytes,
                     )
-                    self._detected(req_id, RecvEvent.DEADLINE, f"deadline:{phase.value}")
-            elif transfer.state in (Recv.TIMED_OUT, Recv.BROKEN, Recv.STALE):
-                self._recover(req_id, transfer_done=False)  # a cancel NIXL refused before
+                    self._detected(
+                        req_id,
+                        RecvEvent.DEADLINE,
+                        f"deadline:{phase.value}",
+                        transport_done=load.done_at is not None,
+                    )
+            elif transfer.state in _DETECTED:  # a cancel refused or impossible before
+                self._recover(req_id, transfer_done=load.done_at is not None)
         # 6. Report what was settled this step.
         for req_id in list(self._loads):
             if req_id in self._ready_ok:
@@ -375,11 +454,21 @@ class WorkerWatch:
         transfer = self.recv.get(req_id)
         if transfer is None:
             return
-        cancelled = transfer_done or self.adapter is None or self.adapter.cancel(req_id)
-        if self.adapter is not None and transfer_done:
-            self.adapter.fenced.add(req_id)
+        if transfer_done:
+            cancelled = True
+            if self.adapter is not None:
+                self.adapter.fenced.add(req_id)
+        elif self.adapter is not None:
+            cancelled = self.adapter.cancel(req_id)
+        else:
+            cancelled = False  # this connector has no cancel: wait for its completion
+            if not self._loads[req_id].cancel_wait_logged:
+                self._loads[req_id].cancel_wait_logged = True
+                self._event(
+                    "kv.cannot_cancel", request_id=req_id, connector=type(self.connector).__name__
+                )
         if not cancelled:
-            return  # NIXL could not cancel the read yet; the blocks stay this request's
+            return  # the blocks stay this request's until the transfer is really over
         self._try(req_id, RecvEvent.CANCELLED)
         recompute = self.settings.kv_recovery == "recompute"
         self._try(req_id, RecvEvent.RECOMPUTE if recompute else RecvEvent.FAIL)
@@ -392,11 +481,11 @@ class WorkerWatch:
         )
         self._ready_failed.add(req_id)
 
-    def _forget(self, req_id: str) -> None:
+    def _forget(self, req_id: str, settled: bool = True) -> None:
+        """Stop watching ``req_id``; ``settled``: we reported it, so fence what comes later."""
         self._loads.pop(req_id, None)
-        self._settled.add(req_id)
-        if len(self._settled) > 65536:
-            self._settled.pop()
+        if settled:
+            self._settled.add(req_id)
 
     def _corrupt(self, load: _Load) -> None:
         """Fault "corrupt": overwrite what arrived, so only a recompute gives the right answer."""
