@@ -106,6 +106,7 @@ def test_lease_check_over_the_wire():
     try:
         ask = lambda req: client.wait(server.endpoint, req, 5)  # noqa: E731
         assert ask("kept") is Verdict.VALID
+        assert ask("kept") is Verdict.STALE  # one lease, one read: a replay is refused
         assert ask("expired") is Verdict.STALE
         assert ask("never-leased") is Verdict.UNKNOWN
     finally:

@@ -98,6 +98,10 @@ def test_lease_verdicts():
     assert table.verdict("kept") is Verdict.VALID
     assert table.verdict("expired") is Verdict.STALE
     assert table.verdict("never") is Verdict.UNKNOWN
+    # The first decode to ask owns the read; a replay of the same parameters is stale.
+    assert table.claim("read") is Verdict.VALID
+    assert table.claim("read") is Verdict.STALE
+    assert table.claim("expired") is Verdict.STALE
     with pytest.raises(IllegalTransition):
         table.apply("expired", LeaseEvent.READ)  # the read came after the lease ran out
     assert table.stale_reads == 1

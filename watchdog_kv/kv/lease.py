@@ -5,7 +5,9 @@ thread) that answers from its :class:`~watchdog_kv.kv.states.LeaseTable`: the
 read is *valid* if the blocks are still kept, or were released because a
 decode reported its read; it is *stale* if the lease ran out first (the blocks
 may since hold another request's KV) and *unknown* if this prefill never
-leased them. The prefill advertises the server's address in the
+leased them. One lease feeds one read: once a decode was told *valid*, any
+later asker for the same request (replayed ``kv_transfer_params``) is told
+*stale*. The prefill advertises the server's address in the
 ``kv_transfer_params`` it returns (key ``watchdog_kv_lease``), so the check
 needs no configuration and a decode without watchdog_kv simply ignores it.
 
@@ -63,7 +65,7 @@ class LeaseServer:
             req = None
             try:
                 req = str(json.loads(raw)["req"])
-                verdict = self._table.verdict(req).value
+                verdict = self._table.claim(req).value
                 _log.debug("kv.lease_question", remote_request_id=req, verdict=verdict)
             except (ValueError, KeyError, TypeError):
                 verdict = "bad_request"

@@ -255,6 +255,7 @@ class Verdict(StrEnum):
 class _LeaseEntry:
     state: Lease
     last_kept: Lease  # the state the blocks were in when released (READ, EXPIRED, ABORTED)
+    claimed: bool = False  # a decode's check was already answered "valid"
 
 
 class LeaseTable:
@@ -307,14 +308,31 @@ class LeaseTable:
     def verdict(self, req_id: str) -> Verdict:
         """Whether a read of ``req_id``'s blocks, already finished, can be trusted."""
         with self._lock:
+            return self._verdict(req_id)
+
+    def _verdict(self, req_id: str) -> Verdict:  # caller holds the lock
+        entry = self._entries.get(req_id)
+        if entry is None:
+            return Verdict.UNKNOWN
+        if entry.state in (Lease.HELD, Lease.LEASED, Lease.READ):
+            return Verdict.VALID  # kept now, so kept for the whole read before now
+        if entry.state is Lease.RELEASED and entry.last_kept is Lease.READ:
+            return Verdict.VALID
+        return Verdict.STALE
+
+    def claim(self, req_id: str) -> Verdict:
+        """:meth:`verdict` for the decode asking, which then owns the read: one lease
+        feeds one read, so a second asker (a replayed or duplicated
+        ``kv_transfer_params``, reading after the first read released the blocks)
+        is told STALE."""
+        with self._lock:
+            verdict = self._verdict(req_id)
             entry = self._entries.get(req_id)
-            if entry is None:
-                return Verdict.UNKNOWN
-            if entry.state in (Lease.HELD, Lease.LEASED, Lease.READ):
-                return Verdict.VALID  # kept now, so kept for the whole read before now
-            if entry.state is Lease.RELEASED and entry.last_kept is Lease.READ:
-                return Verdict.VALID
-            return Verdict.STALE
+            if verdict is Verdict.VALID and entry is not None:
+                if entry.claimed:
+                    return Verdict.STALE
+                entry.claimed = True
+            return verdict
 
     def kept(self) -> list[str]:
         with self._lock:
