@@ -7,6 +7,7 @@ method names and result object shape as vLLM 0.32's KVConnectorBase_V1.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -67,6 +68,17 @@ def _plan(connector: FakeConnector, req: str, lease: list[str] | None = None) ->
 def _step(watch_conn: FakeConnector, finished: set[str] | None = None) -> Results:
     watch_conn.start_load_kv(None)
     return watch_conn.get_transfer_results(finished or set())
+
+
+@contextlib.contextmanager
+def watched(**env: str):
+    """A stand-in connector with a watch on it, unhooked afterwards."""
+    conn = FakeConnector()
+    watch = WorkerWatch(conn, _settings(**env), rank=0)
+    try:
+        yield conn, watch
+    finally:
+        watch.unhook()
 
 
 @pytest.fixture
@@ -185,9 +197,7 @@ def test_abort_of_a_held_completion_reports_it_at_once():
     leases = LeaseTable()  # a prefill that never answers: the completion stays held
     server = LeaseServer(leases, "127.0.0.1")
     server.close()
-    conn = FakeConnector()
-    watch = WorkerWatch(conn, _settings(WATCHDOG_KV_KV_DEADLINE_FLOOR="5"), rank=0)
-    try:
+    with watched(WATCHDOG_KV_KV_DEADLINE_FLOOR="5") as (conn, watch):
         _plan(conn, "r7", lease=[server.endpoint])
         _step(conn)
         setattr(conn.metadata, RECV_PLAN_ATTR, {})
@@ -195,17 +205,13 @@ def test_abort_of_a_held_completion_reports_it_at_once():
         assert _step(conn) == Results()  # held for the lease check
         assert _step(conn, finished={"r7"}) == Results(finished_recving={"r7"})
         assert watch.recv.outcomes == {"aborted": 1}
-    finally:
-        watch.unhook()
 
 
 def test_disable_hands_held_completions_back_as_failed():
     leases = LeaseTable()
     server = LeaseServer(leases, "127.0.0.1")
     server.close()
-    conn = FakeConnector()
-    watch = WorkerWatch(conn, _settings(WATCHDOG_KV_KV_DEADLINE_FLOOR="5"), rank=0)
-    try:
+    with watched(WATCHDOG_KV_KV_DEADLINE_FLOOR="5") as (conn, watch):
         _plan(conn, "r8", lease=[server.endpoint])
         _step(conn)
         setattr(conn.metadata, RECV_PLAN_ATTR, {})
@@ -214,8 +220,6 @@ def test_disable_hands_held_completions_back_as_failed():
         watch._disable()  # as an internal error would
         assert _step(conn) == Results(finished_recving={"r8"}, failed_recving={"r8"})
         assert _step(conn) == Results()
-    finally:
-        watch.unhook()
 
 
 def _until_reported(conn: FakeConnector, timeout: float = 5.0) -> Results:
@@ -237,9 +241,7 @@ def test_completion_is_held_for_the_lease_check(expired):
         leases.apply("p-r4", LeaseEvent.EXPIRE)
         leases.apply("p-r4", LeaseEvent.RELEASE)
     server = LeaseServer(leases, "127.0.0.1")
-    conn = FakeConnector()
-    watch = WorkerWatch(conn, _settings(WATCHDOG_KV_KV_DEADLINE_FLOOR="2"), rank=0)
-    try:
+    with watched(WATCHDOG_KV_KV_DEADLINE_FLOOR="2") as (conn, watch):
         _plan(conn, "r4", lease=[server.endpoint])
         _step(conn)
         setattr(conn.metadata, RECV_PLAN_ATTR, {})
@@ -250,8 +252,6 @@ def test_completion_is_held_for_the_lease_check(expired):
         assert out.finished_recving == {"r4"}
         assert out.failed_recving == ({"r4"} if expired else set())
         assert watch.recv.outcomes == {"recomputed" if expired else "received": 1}
-    finally:
-        watch.unhook()
         server.close()
 
 
@@ -289,39 +289,27 @@ def _completed_load(conn: FakeConnector, req: str) -> None:
 
 
 def test_fault_drop_swallows_the_completion_and_the_deadline_recovers():
-    conn = FakeConnector()
-    watch = WorkerWatch(conn, _settings(WATCHDOG_KV_FAULT="drop:1"), rank=0)
-    try:
+    with watched(WATCHDOG_KV_FAULT="drop:1") as (conn, watch):
         _completed_load(conn, "d1")
         assert _step(conn) == Results()  # the completion is dropped...
         out = _until_reported(conn)  # ...until the verify-phase deadline passes
         assert out.failed_recving == {"d1"}
         assert watch.recv.outcomes == {"recomputed": 1}
-    finally:
-        watch.unhook()
 
 
 def test_fault_delay_reports_late_but_received():
-    conn = FakeConnector()
-    watch = WorkerWatch(conn, _settings(WATCHDOG_KV_FAULT="delay:0.3"), rank=0)
-    try:
+    with watched(WATCHDOG_KV_FAULT="delay:0.3") as (conn, watch):
         _completed_load(conn, "d2")
         t0 = time.monotonic()
         out = _until_reported(conn)
         assert time.monotonic() - t0 >= 0.3
         assert out == Results(finished_recving={"d2"})
         assert watch.recv.outcomes == {"received": 1}
-    finally:
-        watch.unhook()
 
 
 def test_fault_corrupt_is_reported_broken_and_recomputed():
-    conn = FakeConnector()
-    watch = WorkerWatch(conn, _settings(WATCHDOG_KV_FAULT="corrupt:1"), rank=0)
-    try:
+    with watched(WATCHDOG_KV_FAULT="corrupt:1") as (conn, watch):
         _completed_load(conn, "d3")
         out = _step(conn)
         assert out.finished_recving == {"d3"} and out.failed_recving == {"d3"}
         assert watch.recv.outcomes == {"recomputed": 1}
-    finally:
-        watch.unhook()
