@@ -26,11 +26,12 @@ from dataclasses import dataclass
 
 __all__ = ["FAULT_KINDS", "FaultPlan", "parse_faults"]
 
+# kind -> (what its value is, the FaultPlan field holding it)
 FAULT_KINDS = {
-    "delay": "seconds",
-    "drop": "probability",
-    "corrupt": "probability",
-    "stall_handshake": "seconds",
+    "delay": ("seconds", "delay_s"),
+    "drop": ("probability", "drop_p"),
+    "corrupt": ("probability", "corrupt_p"),
+    "stall_handshake": ("seconds", "stall_handshake_s"),
 }
 
 
@@ -43,18 +44,13 @@ class FaultPlan:
 
     @property
     def active(self) -> bool:
-        return any((self.delay_s, self.drop_p, self.corrupt_p, self.stall_handshake_s))
+        return any(getattr(self, attr) for _, attr in FAULT_KINDS.values())
 
     def describe(self) -> str:
         parts = [
-            f"{kind}:{value:g}"
-            for kind, value in (
-                ("delay", self.delay_s),
-                ("drop", self.drop_p),
-                ("corrupt", self.corrupt_p),
-                ("stall_handshake", self.stall_handshake_s),
-            )
-            if value
+            f"{kind}:{getattr(self, attr):g}"
+            for kind, (_, attr) in FAULT_KINDS.items()
+            if getattr(self, attr)
         ]
         return ",".join(parts) or "none"
 
@@ -62,7 +58,7 @@ class FaultPlan:
 def parse_faults(raw: str) -> FaultPlan:
     """Parse the ``WATCHDOG_KV_FAULT`` syntax; ValueError says what is accepted."""
     accepted = "a comma-separated list of " + ", ".join(
-        f"{k}:<{v}>" for k, v in FAULT_KINDS.items()
+        f"{k}:<{unit}>" for k, (unit, _) in FAULT_KINDS.items()
     )
     values: dict[str, float] = {}
     for item in filter(None, (part.strip() for part in raw.split(","))):
@@ -70,9 +66,9 @@ def parse_faults(raw: str) -> FaultPlan:
         kind = kind.strip().lower()
         if kind not in FAULT_KINDS:
             raise ValueError(f"unknown fault {kind!r}; expected {accepted}")
-        if kind in values:
+        unit, attr = FAULT_KINDS[kind]
+        if attr in values:
             raise ValueError(f"fault {kind!r} given twice")
-        unit = FAULT_KINDS[kind]
         try:
             value = float(text) if text else (1.0 if unit == "probability" else -1.0)
         except ValueError:
@@ -81,20 +77,14 @@ def parse_faults(raw: str) -> FaultPlan:
             raise ValueError(f"{item!r}: {kind} takes a probability in (0, 1]")
         if unit == "seconds" and not 0 < value < 86400:
             raise ValueError(f"{item!r}: {kind} takes a number of seconds greater than 0")
-        values[kind] = value
-    return FaultPlan(
-        delay_s=values.get("delay", 0.0),
-        drop_p=values.get("drop", 0.0),
-        corrupt_p=values.get("corrupt", 0.0),
-        stall_handshake_s=values.get("stall_handshake", 0.0),
-    )
+        values[attr] = value
+    return FaultPlan(**values)
 
 
 class FaultDice:
     """The seeded draws of one process (thread-safe)."""
 
-    def __init__(self, plan: FaultPlan, seed: int) -> None:
-        self.plan = plan
+    def __init__(self, seed: int) -> None:
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
 

@@ -164,15 +164,16 @@ def _attach(connector: Any, role: str) -> None:
         with _lock:
             _watches.append(watch)
         _log.info("kv.watching", connector=type(connector).__name__, side=role.lower())
-        if _publish is not None:
-            _publish(
-                {"side": role.lower(), "connector": type(connector).__name__, **_status(watch)}
-            )
+        _report(watch, role.lower())
 
 
-def _status(watch: Any) -> dict[str, Any]:
+def _report(watch: Any, side: str) -> None:
+    """Publish the watch's status (workers have one) into the process's status record."""
+    if _publish is None:
+        return
     status = getattr(watch, "status", None)
-    return status() if status is not None else {}
+    extra = status() if status is not None else {}
+    _publish({"side": side, "connector": type(watch.connector).__name__, **extra})
 
 
 def _throttled_publisher(watch: Any) -> Callable[[], None]:
@@ -180,9 +181,9 @@ def _throttled_publisher(watch: Any) -> Callable[[], None]:
 
     def changed() -> None:
         now = time.monotonic()
-        if _publish is None or now - last[0] < 1.0:
+        if now - last[0] < 1.0:
             return
         last[0] = now
-        _publish({"side": "worker", "connector": type(watch.connector).__name__, **watch.status()})
+        _report(watch, "worker")
 
     return changed

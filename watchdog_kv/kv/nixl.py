@@ -13,29 +13,24 @@ only module that touches them (tested against vLLM 0.32's NIXL connector):
 * the **lease** side on a prefill: which kept requests a decode reported as
   read, which expired, and reads reported for requests no longer kept.
 
-Every wrapper here is an instance attribute, removed by :meth:`NixlAdapter.unhook`.
+Every wrapper here is an instance attribute (:mod:`watchdog_kv.kv.patching`),
+removed by :meth:`NixlAdapter.unhook`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Callable
 from typing import Any
 
 from watchdog_kv.guard import contained
-from watchdog_kv.kv.states import IllegalTransition, LeaseEvent, LeaseTable
+from watchdog_kv.kv.patching import InstancePatches
+from watchdog_kv.kv.states import IllegalTransition, LeaseEvent, LeaseTable, RecentSet
 from watchdog_kv.telemetry import get_logger
 
 __all__ = ["NixlAdapter", "nixl_worker_of"]
 
 _log = get_logger("watchdog_kv.kv.nixl")
-
-
-def _recent() -> Any:
-    from watchdog_kv.kv.worker import RecentSet  # the worker module imports this one
-
-    return RecentSet()
 
 
 def nixl_worker_of(connector: Any) -> Any | None:
@@ -57,9 +52,9 @@ class NixlAdapter:
     ) -> None:
         self.worker = worker
         self.leases = leases
-        self.fenced: Any = _recent()
+        self.fenced = RecentSet()
         self._on_event = on_event
-        self._patched: list[tuple[Any, str]] = []
+        self._patches = InstancePatches()
         self._patch(worker, "_read_blocks_for_req", self._read_blocks_for_req)
         self._patch(worker, "_reap_expired_send_leases", self._reap_expired_send_leases)
         self._patch(worker, "_get_new_notifs", self._get_new_notifs)
@@ -70,16 +65,10 @@ class NixlAdapter:
 
     # --- wiring -------------------------------------------------------------
     def _patch(self, obj: Any, name: str, replacement: Callable[..., Any]) -> None:
-        original = getattr(obj, name)
-        setattr(self, f"_orig_{name}", original)
-        setattr(obj, name, replacement)
-        self._patched.append((obj, name))
+        setattr(self, f"_orig_{name}", self._patches.replace(obj, name, replacement))
 
     def unhook(self) -> None:
-        for obj, name in self._patched:
-            with contextlib.suppress(AttributeError):
-                delattr(obj, name)  # the class attribute shows through again
-        self._patched.clear()
+        self._patches.undo()
 
     # --- decode side --------------------------------------------------------
     def phase(self, req_id: str, remote_engine_id: str | None) -> str:

@@ -19,18 +19,16 @@ built, in the engine-core process:
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 import time
 from dataclasses import asdict
 from typing import Any
 
-import psutil
-
+from watchdog_kv import process
 from watchdog_kv.config import Settings
 from watchdog_kv.guard import contained
 from watchdog_kv.kv.lease import LEASE_PARAM
+from watchdog_kv.kv.patching import InstancePatches
 from watchdog_kv.kv.worker import RECV_PLAN_ATTR, RecvPlan
 from watchdog_kv.telemetry import get_logger
 
@@ -53,24 +51,23 @@ class SchedulerWatch:
         # The parameter check knows NixlConnector's keys only (Mooncake, for one,
         # uses others): other connectors' parameters are passed on unchecked.
         self.nixl_params = "Nixl" in type(connector).__name__
+        self._patches = InstancePatches()
         self._originals: dict[str, Any] = {}
         for name in (
             "get_num_new_matched_tokens",
             "update_state_after_alloc",
             "build_connector_meta",
         ):
-            self._originals[name] = getattr(connector, name)
-            setattr(connector, name, getattr(self, f"_{name}"))
+            self._originals[name] = self._patches.replace(
+                connector, name, getattr(self, f"_{name}")
+            )
         # vLLM calls one or the other, depending on whether the connector supports HMA.
         for name in ("request_finished", "request_finished_all_groups"):
             if hasattr(connector, name):
-                self._originals[name] = getattr(connector, name)
-                setattr(connector, name, self._finisher(name))
+                self._originals[name] = self._patches.replace(connector, name, self._finisher(name))
 
     def unhook(self) -> None:
-        for name in self._originals:
-            with contextlib.suppress(AttributeError):
-                delattr(self.connector, name)
+        self._patches.undo()
         self._originals.clear()
 
     def _disable(self) -> None:
@@ -168,14 +165,10 @@ class SchedulerWatch:
             return None
         self._lease_looked_at = now
         found: dict[int, str] = {}
-        procs = self.settings.state_dir / "procs"
-        for child in psutil.Process(os.getpid()).children(recursive=True):
-            try:
-                record = json.loads((procs / f"{child.pid}.json").read_text())
-            except (OSError, ValueError):
-                continue
+        me = os.getpid()
+        for record in process.read_records(self.settings.state_dir):
             endpoint = (record.get("kv") or {}).get("lease_endpoint")
-            if endpoint:
+            if endpoint and record.get("ppid") == me and record["alive"]:
                 found[int(record.get("rank") or 0)] = endpoint
         if not found:
             _log.warning("kv.lease_servers_not_found", hint="decodes will not check their reads")

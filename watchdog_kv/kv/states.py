@@ -47,6 +47,7 @@ __all__ = [
     "Lease",
     "LeaseEvent",
     "LeaseTable",
+    "RecentSet",
     "Recv",
     "RecvEvent",
     "RecvTable",
@@ -347,3 +348,23 @@ class LeaseTable:
             del self._entries[key]
         while len(self._entries) > 2 * self._remember:
             self._entries.popitem(last=False)
+
+
+class RecentSet:
+    """A set that forgets its oldest members beyond ``limit`` (FIFO)."""
+
+    def __init__(self, limit: int = 65536) -> None:
+        self._items: OrderedDict[str, None] = OrderedDict()
+        self._limit = limit
+
+    def add(self, item: str) -> None:
+        self._items[item] = None
+        self._items.move_to_end(item)
+        while len(self._items) > self._limit:
+            self._items.popitem(last=False)
+
+    def __contains__(self, item: object) -> bool:
+        return item in self._items
+
+    def __len__(self) -> int:
+        return len(self._items)

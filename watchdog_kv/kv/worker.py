@@ -22,9 +22,7 @@ for this connector (logged); vLLM carries on as if it was not there.
 
 from __future__ import annotations
 
-import contextlib
 import time
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,9 +32,11 @@ from watchdog_kv.kv.deadlines import DeadlineConfig, Deadlines, Phase
 from watchdog_kv.kv.faults import FaultDice
 from watchdog_kv.kv.lease import LeaseClient, LeaseServer
 from watchdog_kv.kv.nixl import NixlAdapter, nixl_worker_of
+from watchdog_kv.kv.patching import InstancePatches
 from watchdog_kv.kv.states import (
     IllegalTransition,
     LeaseTable,
+    RecentSet,
     Recv,
     RecvEvent,
     RecvTable,
@@ -59,26 +59,6 @@ _PHASE_OF = {
     Recv.PULLING: Phase.TRANSFER,
     Recv.VERIFYING: Phase.VERIFY,
 }
-
-
-class RecentSet:
-    """A set that forgets its oldest members beyond ``limit`` (FIFO)."""
-
-    def __init__(self, limit: int = 65536) -> None:
-        self._items: OrderedDict[str, None] = OrderedDict()
-        self._limit = limit
-
-    def add(self, item: str) -> None:
-        self._items[item] = None
-        self._items.move_to_end(item)
-        while len(self._items) > self._limit:
-            self._items.popitem(last=False)
-
-    def __contains__(self, item: object) -> bool:
-        return item in self._items
-
-    def __len__(self) -> int:
-        return len(self._items)
 
 
 @dataclass
@@ -124,7 +104,7 @@ class WorkerWatch:
                 assumed_bandwidth_bps=settings.kv_assumed_bandwidth_mbps * 1e6,
             )
         )
-        self.dice = FaultDice(settings.fault, settings.fault_seed + rank)
+        self.dice = FaultDice(settings.fault_seed + rank)
         self._loads: dict[str, _Load] = {}
         self._settled = RecentSet()  # loads we reported; later completions are fenced
         self._orphans: set[str] = set()  # held completions to hand back after a disable
@@ -136,6 +116,7 @@ class WorkerWatch:
         self.leases_tracked = True
         self.lease_server: LeaseServer | None = None
         self.lease_client = LeaseClient()
+        self._patches = InstancePatches()
         self._originals: dict[str, Any] = {}
         self.on_change: Any = None  # called after each step's results (throttled by the caller)
         nixl_worker = nixl_worker_of(connector)
@@ -152,14 +133,12 @@ class WorkerWatch:
 
     # --- wiring -------------------------------------------------------------
     def _wrap(self, name: str) -> None:
-        original = getattr(self.connector, name)
-        self._originals[name] = original
-        setattr(self.connector, name, getattr(self, f"_{name}"))
+        self._originals[name] = self._patches.replace(
+            self.connector, name, getattr(self, f"_{name}")
+        )
 
     def unhook(self) -> None:
-        for name in self._originals:
-            with contextlib.suppress(AttributeError):
-                delattr(self.connector, name)
+        self._patches.undo()
         self._originals.clear()
         if self.adapter is not None:
             self.adapter.unhook()
@@ -187,8 +166,7 @@ class WorkerWatch:
         )
 
     def _event(self, event: str, **fields: Any) -> None:
-        level = "info" if event in ("kv.recv_ok",) else "warning"
-        getattr(_log, level)(event, rank=self.rank, **fields)
+        _log.warning(event, rank=self.rank, **fields)
 
     def _on_transition(self, req_id: str, event: str, old: str, new: str) -> None:
         _log.debug("kv.transition", request_id=req_id, kv_event=event, old=old, new=new)
@@ -275,14 +253,9 @@ class WorkerWatch:
             if phase == "handshaking" and transfer.state is Recv.WAITING:
                 self._try(req_id, RecvEvent.HANDSHAKE)
             elif phase == "pulling" and transfer.state in (Recv.WAITING, Recv.HANDSHAKING):
-                if transfer.state is Recv.HANDSHAKING:
-                    self.deadlines.observe(
-                        Phase.HANDSHAKE, time.monotonic() - transfer.phase_started
-                    )
-                else:
-                    self.deadlines.observe(
-                        Phase.FIRST_PROGRESS, time.monotonic() - transfer.phase_started
-                    )
+                self.deadlines.observe(
+                    _PHASE_OF[transfer.state], time.monotonic() - transfer.phase_started
+                )
                 self._try(req_id, RecvEvent.POSTED)
                 load.posted_at = time.monotonic()
 
@@ -489,6 +462,8 @@ class WorkerWatch:
 
     def _corrupt(self, load: _Load) -> None:
         """Fault "corrupt": overwrite what arrived, so only a recompute gives the right answer."""
+        import torch
+
         blocks = load.plan.local_blocks
         total = _num_blocks(self.connector)
         if not blocks or not total:
@@ -496,7 +471,7 @@ class WorkerWatch:
         for tensor in self._kv_caches.values():
             dim = next((i for i, n in enumerate(tensor.shape) if n == total), None)
             if dim is not None:
-                index = tensor.new_tensor(blocks, dtype=_long(tensor))
+                index = tensor.new_tensor(blocks, dtype=torch.long)
                 tensor.index_fill_(dim, index, 7.0)
 
     def status(self) -> dict[str, Any]:
@@ -527,9 +502,3 @@ def _num_blocks(connector: Any) -> int:
         connector, "kv_cache_config", None
     )
     return int(getattr(cfg, "num_blocks", 0) or 0)
-
-
-def _long(tensor: Any) -> Any:
-    import torch
-
-    return torch.long
