@@ -28,14 +28,11 @@ __all__ = ["main"]
 EXIT_USAGE = 2
 
 
-def _positive_float(raw: str) -> float:
+def _seconds(raw: str) -> float:
     try:
-        value = float(raw)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{raw!r} is not a number of seconds") from None
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"{raw!r}: expected a number of seconds greater than 0")
-    return value
+        return config.positive_seconds(raw)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{raw!r}: {exc}") from None
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -96,7 +93,7 @@ def _parser() -> argparse.ArgumentParser:
         )
         p.add_argument(
             "--kv-lease",
-            type=_positive_float,
+            type=_seconds,
             default=None,
             metavar="SECONDS",
             help="how long a prefill keeps KV blocks for a decode that has not read them "

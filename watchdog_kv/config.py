@@ -34,6 +34,7 @@ __all__ = [
     "Variable",
     "load",
     "markdown_table",
+    "positive_seconds",
 ]
 
 PREFIX = "WATCHDOG_KV_"
@@ -69,7 +70,8 @@ def _choice(*choices: str) -> Callable[[str], str]:
     return parse
 
 
-def _positive_seconds(raw: str) -> float:
+def positive_seconds(raw: str) -> float:
+    """Parse a duration greater than 0; ValueError says what is accepted."""
     try:
         value = float(raw.strip())
     except ValueError:
@@ -210,7 +212,7 @@ VARIABLES: tuple[Variable, ...] = (
     Variable(
         name="WATCHDOG_KV_PREFILL_TIMEOUT",
         attr="prefill_timeout_s",
-        parse=_positive_seconds,
+        parse=positive_seconds,
         default=lambda: 120.0,
         default_doc="120",
         accepted="a number of seconds greater than 0",
@@ -221,7 +223,7 @@ VARIABLES: tuple[Variable, ...] = (
     Variable(
         name="WATCHDOG_KV_DECODE_IDLE_TIMEOUT",
         attr="decode_idle_timeout_s",
-        parse=_positive_seconds,
+        parse=positive_seconds,
         default=lambda: 120.0,
         default_doc="120",
         accepted="a number of seconds greater than 0",
@@ -243,7 +245,7 @@ VARIABLES: tuple[Variable, ...] = (
     Variable(
         name="WATCHDOG_KV_KV_DEADLINE_FLOOR",
         attr="kv_deadline_floor_s",
-        parse=_positive_seconds,
+        parse=positive_seconds,
         default=lambda: 5.0,
         default_doc="5",
         accepted="a number of seconds greater than 0",
@@ -254,7 +256,7 @@ VARIABLES: tuple[Variable, ...] = (
     Variable(
         name="WATCHDOG_KV_KV_DEADLINE_CAP",
         attr="kv_deadline_cap_s",
-        parse=_positive_seconds,
+        parse=positive_seconds,
         default=lambda: 120.0,
         default_doc="120",
         accepted="a number of seconds greater than 0 and not below the floor",

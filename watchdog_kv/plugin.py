@@ -30,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from watchdog_kv import config, process, threads  # noqa: F401 - threads records the CPU mask now
+from watchdog_kv import config, process
 from watchdog_kv.guard import contained
 from watchdog_kv.kv import hooks as kv_hooks
 from watchdog_kv.telemetry import logs
