@@ -193,29 +193,24 @@ def test_abort_while_loading_leaves_the_completion_to_the_connector(connector):
     assert _step(conn) == Results(finished_recving={"r3"})
 
 
-def test_abort_of_a_held_completion_reports_it_at_once():
-    leases = LeaseTable()  # a prefill that never answers: the completion stays held
-    server = LeaseServer(leases, "127.0.0.1")
+def _silent_prefill() -> str:
+    """The address of a lease server that is gone: completions wait for its answer."""
+    server = LeaseServer(LeaseTable(), "127.0.0.1")
     server.close()
+    return server.endpoint
+
+
+def test_abort_of_a_held_completion_reports_it_at_once():
     with watched(WATCHDOG_KV_KV_DEADLINE_FLOOR="5") as (conn, watch):
-        _plan(conn, "r7", lease=[server.endpoint])
-        _step(conn)
-        setattr(conn.metadata, RECV_PLAN_ATTR, {})
-        conn.next_results = Results(finished_recving={"r7"})
+        _completed_load(conn, "r7", lease=[_silent_prefill()])
         assert _step(conn) == Results()  # held for the lease check
         assert _step(conn, finished={"r7"}) == Results(finished_recving={"r7"})
         assert watch.recv.outcomes == {"aborted": 1}
 
 
 def test_disable_hands_held_completions_back_as_failed():
-    leases = LeaseTable()
-    server = LeaseServer(leases, "127.0.0.1")
-    server.close()
     with watched(WATCHDOG_KV_KV_DEADLINE_FLOOR="5") as (conn, watch):
-        _plan(conn, "r8", lease=[server.endpoint])
-        _step(conn)
-        setattr(conn.metadata, RECV_PLAN_ATTR, {})
-        conn.next_results = Results(finished_recving={"r8"})
+        _completed_load(conn, "r8", lease=[_silent_prefill()])
         assert _step(conn) == Results()  # held
         watch._disable()  # as an internal error would
         assert _step(conn) == Results(finished_recving={"r8"}, failed_recving={"r8"})
@@ -281,8 +276,9 @@ def test_vllm_exceptions_pass_through_untouched(connector):
     assert info.value is boom
 
 
-def _completed_load(conn: FakeConnector, req: str) -> None:
-    _plan(conn, req)
+def _completed_load(conn: FakeConnector, req: str, lease: list[str] | None = None) -> None:
+    """Admit a load for ``req`` and make the connector report it finished next step."""
+    _plan(conn, req, lease=lease)
     _step(conn)
     setattr(conn.metadata, RECV_PLAN_ATTR, {})
     conn.next_results = Results(finished_recving={req})
