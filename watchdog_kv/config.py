@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from watchdog_kv.kv.faults import FaultPlan, parse_faults
+from watchdog_kv.faults import FaultPlan, parse_faults
 
 __all__ = [
     "PREFIX",
@@ -298,13 +298,142 @@ VARIABLES: tuple[Variable, ...] = (
         "idle; the thread still wakes on UCX events. 0 leaves NIXL as it is.",
     ),
     Variable(
+        name="WATCHDOG_KV_STEP_FLOOR",
+        attr="step_floor_s",
+        parse=positive_seconds,
+        default=lambda: 5.0,
+        default_doc="5",
+        accepted="a number of seconds greater than 0",
+        unit="s",
+        doc="Shortest deadline of one engine or worker model step: a step that never "
+        "returns is caught after at most this long once steps are fast.",
+    ),
+    Variable(
+        name="WATCHDOG_KV_STEP_CAP",
+        attr="step_cap_s",
+        parse=positive_seconds,
+        default=lambda: 300.0,
+        default_doc="300",
+        accepted="a number of seconds greater than 0 and not below the floor",
+        unit="s",
+        doc="Longest deadline of one model step, however slow recent steps were "
+        "(vLLM's own execute-model timeout is 300 s).",
+    ),
+    Variable(
+        name="WATCHDOG_KV_STEP_SLACK",
+        attr="step_slack",
+        parse=_positive_number,
+        default=lambda: 4.0,
+        default_doc="4",
+        accepted="a number, 1 or more",
+        doc="A step, startup or connector-call deadline is this many times the longest "
+        "recent one of its kind (then held between its floor and cap).",
+    ),
+    Variable(
+        name="WATCHDOG_KV_CONNECTOR_FLOOR",
+        attr="connector_floor_s",
+        parse=positive_seconds,
+        default=lambda: 5.0,
+        default_doc="5",
+        accepted="a number of seconds greater than 0",
+        unit="s",
+        doc="Shortest deadline of one KV-connector call inside a worker step "
+        "(start_load_kv, wait_for_save, get_finished...).",
+    ),
+    Variable(
+        name="WATCHDOG_KV_CONNECTOR_CAP",
+        attr="connector_cap_s",
+        parse=positive_seconds,
+        default=lambda: 120.0,
+        default_doc="120",
+        accepted="a number of seconds greater than 0 and not below the floor",
+        unit="s",
+        doc="Longest deadline of one KV-connector call.",
+    ),
+    Variable(
+        name="WATCHDOG_KV_STARTUP_FLOOR",
+        attr="startup_floor_s",
+        parse=positive_seconds,
+        default=lambda: 60.0,
+        default_doc="60",
+        accepted="a number of seconds greater than 0",
+        unit="s",
+        doc="Shortest deadline of an engine's or worker's start-up (model load, KV "
+        "cache, warm-up) and of its first steps.",
+    ),
+    Variable(
+        name="WATCHDOG_KV_STARTUP_CAP",
+        attr="startup_cap_s",
+        parse=positive_seconds,
+        default=lambda: 900.0,
+        default_doc="900",
+        accepted="a number of seconds greater than 0 and not below the floor",
+        unit="s",
+        doc="Longest start-up deadline; also the deadline of a server's first start, "
+        "before any start-up of it was measured.",
+    ),
+    Variable(
+        name="WATCHDOG_KV_STALL_ACTION",
+        attr="stall_action",
+        parse=_choice("observe", "abort", "restart"),
+        default=lambda: "abort",
+        default_doc="abort",
+        accepted="observe, abort, restart",
+        doc="What a detected stall does (docs/step-watchdog.md): observe only dumps and "
+        "reports (health says not progressing); abort also fails the stalled engine's "
+        "requests at once with a clear 503 and sends new ones to another data-parallel "
+        "rank, or refuses them; restart also has the supervisor restart the server.",
+    ),
+    Variable(
+        name="WATCHDOG_KV_RESTART_LIMIT",
+        attr="restart_limit",
+        parse=_non_negative_int,
+        default=lambda: 3,
+        default_doc="3",
+        accepted="a whole number, 0 or more",
+        doc="Supervisor: restarts of one server (for a stall under the restart action) "
+        "before it gives up and reports the server failed.",
+    ),
+    Variable(
+        name="WATCHDOG_KV_RESTART_BACKOFF",
+        attr="restart_backoff_s",
+        parse=positive_seconds,
+        default=lambda: 2.0,
+        default_doc="2",
+        accepted="a number of seconds greater than 0",
+        unit="s",
+        doc="Supervisor: wait before the first restart of a server; it doubles with "
+        "each further restart, up to 60 s.",
+    ),
+    Variable(
+        name="WATCHDOG_KV_MONITOR_INTERVAL",
+        attr="monitor_interval_s",
+        parse=positive_seconds,
+        default=lambda: 0.25,
+        default_doc="0.25",
+        accepted="a number of seconds greater than 0",
+        unit="s",
+        doc="How often the monitor (and each API server's stall guard) reads the beacons.",
+    ),
+    Variable(
+        name="WATCHDOG_KV_DUMP_DIR",
+        attr="dump_dir",
+        parse=_path,
+        default=lambda: None,
+        default_doc="<state dir>/dumps",
+        accepted="a directory path",
+        doc="Where the monitor writes one incident directory per detected stall "
+        "(stacks, beacons, flight recorders); read them with watchdog-kv report.",
+    ),
+    Variable(
         name="WATCHDOG_KV_FAULT",
         attr="fault",
         parse=_faults,
         default=FaultPlan,
         default_doc="unset (no fault)",
-        accepted="comma-separated delay:<s>, drop:<p>, corrupt:<p>, stall_handshake:<s>",
-        doc="Fault injection for rehearsals, on the decode side (docs/kv-transfer.md). "
+        accepted="comma-separated delay:<s>, drop:<p>, corrupt:<p>, stall_handshake:<s>, "
+        "stall_step:<s>, stall_notif:<s>",
+        doc="Fault injection for rehearsals (docs/kv-transfer.md, docs/step-watchdog.md). "
         "Never set it in production.",
     ),
     Variable(
@@ -339,8 +468,25 @@ class Settings:
     kv_assumed_bandwidth_mbps: float = 100.0
     kv_lease_check: bool = True
     nixl_progress_delay_us: int = 1000
+    step_floor_s: float = 5.0
+    step_cap_s: float = 300.0
+    step_slack: float = 4.0
+    connector_floor_s: float = 5.0
+    connector_cap_s: float = 120.0
+    startup_floor_s: float = 60.0
+    startup_cap_s: float = 900.0
+    stall_action: str = "abort"
+    restart_limit: int = 3
+    restart_backoff_s: float = 2.0
+    monitor_interval_s: float = 0.25
+    dump_dir: Path | None = None
     fault: FaultPlan = field(default_factory=FaultPlan)
     fault_seed: int = 0
+
+    @property
+    def dumps(self) -> Path:
+        """Where incidents go: WATCHDOG_KV_DUMP_DIR, else <state dir>/dumps."""
+        return self.dump_dir or self.state_dir / "dumps"
 
 
 def load(environ: Mapping[str, str] | None = None) -> Settings:
@@ -370,13 +516,27 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
             raise ConfigError(
                 f"{var.name}={raw!r} is not valid: {exc}. Accepted: {var.accepted}."
             ) from None
-    if values["kv_deadline_floor_s"] > values["kv_deadline_cap_s"]:
+    for prefix, floor, cap in _FLOOR_CAP:
+        if values[floor] > values[cap]:
+            raise ConfigError(
+                f"WATCHDOG_KV_{prefix}_FLOOR ({values[floor]:g} s) is above "
+                f"WATCHDOG_KV_{prefix}_CAP ({values[cap]:g} s). Accepted: a floor not above "
+                "the cap."
+            )
+    if values["step_slack"] < 1:
         raise ConfigError(
-            f"WATCHDOG_KV_KV_DEADLINE_FLOOR ({values['kv_deadline_floor_s']:g} s) is above "
-            f"WATCHDOG_KV_KV_DEADLINE_CAP ({values['kv_deadline_cap_s']:g} s). Accepted: a "
-            "floor not above the cap."
+            f"WATCHDOG_KV_STEP_SLACK={values['step_slack']:g} is not valid: a deadline below "
+            "the longest step seen would flag healthy steps. Accepted: a number, 1 or more."
         )
     return Settings(**values)
+
+
+_FLOOR_CAP = (
+    ("KV_DEADLINE", "kv_deadline_floor_s", "kv_deadline_cap_s"),
+    ("STEP", "step_floor_s", "step_cap_s"),
+    ("CONNECTOR", "connector_floor_s", "connector_cap_s"),
+    ("STARTUP", "startup_floor_s", "startup_cap_s"),
+)
 
 
 def markdown_table() -> str:

@@ -33,6 +33,7 @@ from typing import Any
 from watchdog_kv import config, process
 from watchdog_kv.guard import contained
 from watchdog_kv.kv import hooks as kv_hooks
+from watchdog_kv.step import hooks as step_hooks
 from watchdog_kv.telemetry import logs
 
 __all__ = ["Registration", "current", "register", "unregister"]
@@ -103,6 +104,7 @@ def register() -> Registration:
                 _log.info("watchdog_kv.disabled", reason="WATCHDOG_KV_ENABLED=0")
                 return reg
             reg.hooks = kv_hooks.install(settings, reg.identity.rank, _publisher(reg))
+            reg.hooks += _install_step_watch(settings, reg.identity.role)
             record = process.StatusRecord(
                 pid=reg.pid,
                 ppid=os.getppid(),
@@ -125,6 +127,19 @@ def register() -> Registration:
         return reg
 
 
+def _install_step_watch(settings: config.Settings, role: str) -> list[str]:
+    """Engine cores and workers publish their steps; API servers guard their engines."""
+    if role in ("engine_core", "worker"):
+        from watchdog_kv.step.watch import StepWatch
+
+        watch = StepWatch(settings, role)
+        logs.set_recorder(watch.record)
+        return step_hooks.install(watch)
+    if role == "api_server":
+        return step_hooks.install_front(settings)
+    return []
+
+
 def _publisher(reg: Registration) -> Callable[[dict[str, Any]], None]:
     """Rewrite this process's status record with a hook's latest status."""
 
@@ -145,6 +160,8 @@ def unregister() -> None:
         reg = current()
         _current = None
         kv_hooks.uninstall()
+        step_hooks.uninstall()
+        logs.set_recorder(None)
         if reg is None or reg.record_path is None:
             return
         with contextlib.suppress(FileNotFoundError):

@@ -8,8 +8,8 @@ import time
 import pytest
 
 from watchdog_kv import config
+from watchdog_kv.faults import FaultPlan, parse_faults
 from watchdog_kv.kv.deadlines import DeadlineConfig, Deadlines, Phase
-from watchdog_kv.kv.faults import FaultPlan, parse_faults
 from watchdog_kv.kv.lease import LeaseClient, LeaseServer
 from watchdog_kv.kv.scheduler import bad_remote_params
 from watchdog_kv.kv.states import LeaseEvent, LeaseTable, Verdict

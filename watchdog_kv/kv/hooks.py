@@ -30,6 +30,7 @@ from typing import Any
 
 import wrapt
 
+from watchdog_kv import faults
 from watchdog_kv.config import Settings
 from watchdog_kv.guard import contained
 from watchdog_kv.telemetry import get_logger
@@ -128,21 +129,41 @@ def _patch_scheduler(module: Any) -> None:
 
 def _patch_nixl_agent(module: Any) -> None:
     settings = _settings
-    if settings is None or not settings.nixl_progress_delay_us:
+    if settings is None:
         return
     delay = settings.nixl_progress_delay_us
+    stall_notif = settings.fault.stall_notif_s > 0
+    if not delay and not stall_notif:
+        return
 
     def make(original: Any) -> Any:
         def nixl_agent(name: str, agent_config: Any) -> Any:
             with contained("kv.nixl_progress_delay"):
-                if getattr(agent_config, "pthrDelay", None) == 0:
+                if delay and getattr(agent_config, "pthrDelay", None) == 0:
                     agent_config.pthrDelay = delay
                     _log.info("kv.nixl_progress_delay", agent=name, delay_us=delay)
-            return original(name, agent_config)
+            agent = original(name, agent_config)
+            if stall_notif:
+                return _StallingNotifications(agent, settings)
+            return agent
 
         return nixl_agent
 
     _replace(module, "nixlAgent", make)
+
+
+class _StallingNotifications(wrapt.ObjectProxy):  # type: ignore[misc]
+    """Rehearsals only (``stall_notif`` fault): NIXL's notification send, armed to block
+    in C with the GIL held, the way the field's 30 s heartbeat stall did."""
+
+    def __init__(self, agent: Any, settings: Settings) -> None:
+        super().__init__(agent)
+        self._self_settings = settings
+
+    def genNotif(self, *args: Any, **kwargs: Any) -> Any:
+        s = self._self_settings
+        faults.maybe_stall(s.fault, s.state_dir, s.server, "stall_notif")
+        return self.__wrapped__.genNotif(*args, **kwargs)
 
 
 def _attach(connector: Any, role: str) -> None:
@@ -159,6 +180,9 @@ def _attach(connector: Any, role: str) -> None:
 
             watch = WorkerWatch(connector, settings, _rank)
             watch.on_change = _throttled_publisher(watch)
+            from watchdog_kv.step import hooks as step_hooks
+
+            step_hooks.watch_connector(connector)
         else:
             return
         with _lock:

@@ -27,9 +27,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from watchdog_kv.config import Settings
+from watchdog_kv.faults import FaultDice
 from watchdog_kv.guard import contained
 from watchdog_kv.kv.deadlines import DeadlineConfig, Deadlines, Phase
-from watchdog_kv.kv.faults import FaultDice
 from watchdog_kv.kv.lease import LeaseClient, LeaseServer
 from watchdog_kv.kv.nixl import NixlAdapter, nixl_worker_of
 from watchdog_kv.kv.patching import InstancePatches

@@ -20,7 +20,7 @@ from typing import Any, TextIO
 
 import structlog
 
-__all__ = ["bind_process", "configure", "get_logger", "process_fields"]
+__all__ = ["bind_process", "configure", "get_logger", "process_fields", "set_recorder"]
 
 _LEVELS = {
     "debug": logging.DEBUG,
@@ -32,6 +32,22 @@ _LEVELS = {
 _lock = threading.Lock()
 _state: dict[str, Any] = {"level": logging.INFO, "format": "auto", "stream": None, "generation": 0}
 _process: dict[str, Any] = {}
+_recorder: list[Any] = [None]  # the flight recorder sink of this process, if any
+
+
+def set_recorder(sink: Any) -> None:
+    """Copy every event of this process (at or above the level) to ``sink(event)``."""
+    _recorder[0] = sink
+
+
+def _record(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
+    sink = _recorder[0]
+    if sink is not None:
+        try:
+            sink({k: v for k, v in event.items() if k not in ("pid", "role", "server", "rank")})
+        except Exception:
+            _recorder[0] = None  # a broken recorder must not break logging
+    return event
 
 
 def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = None) -> None:
@@ -90,6 +106,7 @@ class _Logger:
                 processors=[
                     structlog.processors.add_log_level,
                     structlog.processors.TimeStamper(fmt="iso", utc=True),
+                    _record,
                     _add_process,
                     structlog.processors.StackInfoRenderer(),
                     structlog.processors.format_exc_info,

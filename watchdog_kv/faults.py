@@ -1,7 +1,7 @@
 """Fault injection for rehearsals: ``WATCHDOG_KV_FAULT``, off unless set.
 
-The value is a comma-separated list of faults, each ``kind`` or ``kind:value``,
-applied on the side that receives KV (the decode):
+The value is a comma-separated list of faults, each ``kind`` or ``kind:value``.
+The KV faults apply on the side that receives KV (the decode):
 
 ===================  ==========================================================
 ``delay:SECONDS``    every finished transfer is reported SECONDS late (a slow link)
@@ -14,17 +14,42 @@ applied on the side that receives KV (the decode):
                      before it starts (a peer that does not answer)
 ===================  ==========================================================
 
+The stall faults block a thread inside C code *while holding the GIL* (a
+``ctypes.PyDLL`` call to libc's ``usleep``, which does not release it), the
+way a wedged native call does; no Python thread of that process runs
+meanwhile. They fire once each time they are armed: :func:`arm` creates
+``<state_dir>/faults/<server>/<kind>`` and the first process of that server
+reaching the point consumes it.
+
+========================  ======================================================
+``stall_step:SECONDS``    a worker's model step blocks (worker process)
+``stall_notif:SECONDS``   NIXL's notification send blocks -- the heartbeat send
+                          of a decode's KV load, where a 30 s stall was seen
+========================  ======================================================
+
 Probabilities draw from a generator seeded by ``WATCHDOG_KV_FAULT_SEED``, so a
 rehearsal repeats exactly for the same request order.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import os
 import random
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 
-__all__ = ["FAULT_KINDS", "FaultPlan", "parse_faults"]
+__all__ = [
+    "FAULT_KINDS",
+    "FaultPlan",
+    "arm",
+    "hold_gil",
+    "maybe_stall",
+    "parse_faults",
+    "take_armed",
+]
 
 # kind -> (what its value is, the FaultPlan field holding it)
 FAULT_KINDS = {
@@ -32,6 +57,8 @@ FAULT_KINDS = {
     "drop": ("probability", "drop_p"),
     "corrupt": ("probability", "corrupt_p"),
     "stall_handshake": ("seconds", "stall_handshake_s"),
+    "stall_step": ("seconds", "stall_step_s"),
+    "stall_notif": ("seconds", "stall_notif_s"),
 }
 
 
@@ -41,6 +68,8 @@ class FaultPlan:
     drop_p: float = 0.0
     corrupt_p: float = 0.0
     stall_handshake_s: float = 0.0
+    stall_step_s: float = 0.0
+    stall_notif_s: float = 0.0
 
     @property
     def active(self) -> bool:
@@ -93,3 +122,42 @@ class FaultDice:
             return False
         with self._lock:
             return self._rng.random() < probability
+
+
+def _arm_path(state_dir: Path, server: str | None, kind: str) -> Path:
+    return state_dir / "faults" / (server or "any") / kind
+
+
+def arm(state_dir: Path, server: str | None, kind: str) -> Path:
+    """Arm a one-shot stall fault for ``server`` (the next process reaching it fires)."""
+    if kind not in ("stall_step", "stall_notif"):
+        raise ValueError(f"{kind!r} is not an armable fault (stall_step, stall_notif)")
+    path = _arm_path(state_dir, server, kind)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.touch()
+    return path
+
+
+def take_armed(state_dir: Path, server: str | None, kind: str) -> bool:
+    """True once per :func:`arm`: the caller that removes the file fires the fault."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(_arm_path(state_dir, server, kind))
+        return True
+    return False
+
+
+def hold_gil(seconds: float) -> None:
+    """Block in C for ``seconds`` without releasing the GIL (a wedged native call)."""
+    ctypes.PyDLL(None).usleep(ctypes.c_uint(int(seconds * 1_000_000)))
+
+
+def maybe_stall(plan: FaultPlan, state_dir: Path, server: str | None, kind: str) -> None:
+    """Fire the stall fault ``kind`` here if it is configured and armed."""
+    seconds = float(getattr(plan, f"{kind}_s", 0.0))
+    if seconds and take_armed(state_dir, server, kind):
+        from watchdog_kv.telemetry import get_logger
+
+        get_logger("watchdog_kv.faults").warning(
+            "fault.stall_injected", kind=kind, seconds=seconds, holds_gil=True
+        )
+        hold_gil(seconds)

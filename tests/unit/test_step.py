@@ -1,0 +1,224 @@
+"""Step watchdog parts: beacon, learned deadlines, stall rules, and detection from
+outside a real process that holds the GIL in C or is stopped.
+
+The watched processes here are small Python programs, not vLLM: they write a
+beacon exactly as the hooks do, which is all the monitor reads. The same path
+on real vLLM engines is in tests/integration/test_step_watchdog.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from watchdog_kv import process as procrecords
+from watchdog_kv.step.beacon import RING_SLOTS, Beacon, Phase, read_beacon
+from watchdog_kv.step.deadlines import Kind, Limits, StepDeadlines
+from watchdog_kv.step.monitor import Monitor, find_stalls
+from watchdog_kv.step.report import build_report, render
+
+LIMITS = {
+    Kind.STARTUP: Limits(60, 900),
+    Kind.STEP: Limits(5, 300),
+    Kind.CONNECTOR: Limits(5, 120),
+}
+
+
+def test_beacon_phases_nest_and_read_back(tmp_path):
+    b = Beacon(tmp_path, pid=4242)
+    step = b.enter(Phase.STEP, 7.0, "EngineCore.step")
+    inner = b.enter(Phase.CONNECTOR, 3.0, "start_load_kv")
+    view, _ = read_beacon(b.path)
+    assert (view.phase, view.what, view.deadline_s, view.seq) == (
+        Phase.CONNECTOR,
+        "start_load_kv",
+        3.0,
+        2,
+    )
+    b.exit(inner)
+    view, _ = read_beacon(b.path)
+    assert (view.phase, view.what, view.deadline_s, view.phase_started) == (
+        Phase.STEP,
+        "EngineCore.step",
+        7.0,
+        step,
+    )
+    b.exit(step, step_done=True)
+    view, _ = read_beacon(b.path)
+    assert view.phase is Phase.IDLE and view.steps == 1 and not view.torn
+
+
+def test_flight_recorder_keeps_the_most_recent_events(tmp_path):
+    b = Beacon(tmp_path, pid=4243)
+    for i in range(RING_SLOTS + 10):
+        b.record({"event": "e", "i": i, "blob": "x" * 1000})  # longer than a slot: cut
+    _, events = read_beacon(b.path)
+    assert len(events) == RING_SLOTS
+    assert events[0]["event"] == "unreadable"  # cut JSON is kept as raw text
+    b.record({"event": "last", "i": -1})
+    _, events = read_beacon(b.path)
+    assert events[-1]["event"] == "last" and len(events) == RING_SLOTS
+
+
+def test_deadlines_learn_within_floor_and_cap(tmp_path):
+    d = StepDeadlines(LIMITS, slack=4)
+    assert d.deadline(Kind.STEP) == 5  # floor before anything was seen
+    assert d.deadline(Kind.STARTUP) == 900  # cap: a first start is unknown
+    d.observe(Kind.STEP, 0.05)
+    assert d.deadline(Kind.STEP) == 5
+    d.observe(Kind.STEP, 2.0)
+    assert d.deadline(Kind.STEP) == 8.0
+    d.observe(Kind.STEP, 500)
+    assert d.deadline(Kind.STEP) == 300
+    path = tmp_path / "learned.json"
+    d.save_startup(path, "decode-0/engine_core", 40.0)
+    fresh = StepDeadlines(LIMITS, slack=4)
+    fresh.load_startup(path, "decode-0/engine_core")
+    assert fresh.deadline(Kind.STARTUP) == 160.0
+
+
+def _records(*recs):
+    return [{"alive": True, "server": "s", **r} for r in recs]
+
+
+def test_stall_rules(tmp_path):
+    engine = Beacon(tmp_path, pid=100)
+    front = Beacon(tmp_path, pid=200)
+    recs = _records(
+        {"pid": 100, "ppid": 200, "role": "engine_core", "rank": 0},
+        {"pid": 200, "ppid": 1, "role": "api_server", "rank": None},
+    )
+    views = lambda: {p: read_beacon(b.path)[0] for p, b in ((100, engine), (200, front))}  # noqa: E731
+    engine.set_idle_deadline(2.0)
+    now = time.monotonic()
+    assert find_stalls(recs, views(), now + 100) == []  # idle, nothing outstanding: not stuck
+
+    # work outstanding since `now`, engine never stepped after it
+    front.set_outstanding(0, 3, now)
+    front.touch()
+    assert find_stalls(recs, views(), now + 1.5) == []
+    (stall,) = find_stalls(recs, views(), now + 3)
+    assert (stall.pid, stall.reason, stall.outstanding) == (100, "no_progress", 3)
+    # a front end that stopped updating is not believed
+    assert find_stalls(recs, views(), now + 60) == []
+
+    started = engine.enter(Phase.STEP, 2.0, "EngineCore.step")
+    (stall,) = find_stalls(recs, views(), started + 2.5)
+    assert (stall.reason, stall.phase, stall.what) == ("overdue", "step", "EngineCore.step")
+    assert find_stalls(recs, views(), started + 1.5) == []
+    dead = [dict(r, alive=r["pid"] != 100) for r in recs]
+    assert find_stalls(dead, views(), started + 2.5) == []  # an exited process is not stalled
+
+
+WATCHED = textwrap.dedent(
+    """
+    import os, sys, time
+    from pathlib import Path
+    from watchdog_kv import faults, process
+    from watchdog_kv.step.beacon import Beacon, Phase
+
+    state = Path(sys.argv[1])
+    process.write_record(state, process.StatusRecord(
+        pid=os.getpid(), ppid=os.getppid(), role="worker", rank=0,
+        process_name="VllmWorker-0", server="rehearsal"))
+    beacon = Beacon(state)
+    beacon.record({"event": "step.startup_done", "seconds": 0.1})
+
+    def execute_model():
+        beacon.enter(Phase.STEP, 1.0, "Worker.execute_model")
+        print("in step", flush=True)
+        if sys.argv[2] == "gil":
+            faults.hold_gil(60)
+        else:
+            while True:
+                time.sleep(0.05)
+
+    execute_model()
+    """
+)
+
+
+@pytest.fixture
+def watched(tmp_path):
+    script = tmp_path / "fake_worker.py"
+    script.write_text(WATCHED)
+    procs = []
+
+    def start(mode):
+        proc = subprocess.Popen(
+            [sys.executable, str(script), str(tmp_path / "state"), mode],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        procs.append(proc)
+        assert proc.stdout.readline().strip() == "in step"
+        return proc, time.monotonic()
+
+    yield start
+    for proc in procs:
+        os.kill(proc.pid, signal.SIGCONT)
+        proc.kill()
+        proc.wait()
+
+
+def _detect(tmp_path, started, timeout=15.0):
+    stalls = []
+    mon = Monitor(
+        tmp_path / "state",
+        tmp_path / "dumps",
+        interval_s=0.05,
+        on_stall=lambda s: stalls.append((time.monotonic(), s)),
+    )
+    mon.start()
+    try:
+        deadline = time.monotonic() + timeout
+        while not stalls and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert stalls, "the monitor did not see the stall"
+        detected_at, stall = stalls[0]
+        assert mon.evidence(stall, timeout=30) is not None
+    finally:
+        mon.stop()
+    return detected_at - started, stall
+
+
+def test_stall_with_the_gil_held_in_c_is_detected_and_named(tmp_path, watched):
+    proc, started = watched("gil")
+    latency, stall = _detect(tmp_path, started)
+    assert stall.pid == proc.pid and stall.reason == "overdue"
+    assert 1.0 <= latency < 3.0  # deadline 1 s, checked every 0.05 s
+    (item,) = build_report(tmp_path / "dumps")
+    culprit = item["culprit"]
+    assert culprit["pid"] == proc.pid and culprit["role"] == "worker"
+    assert culprit["owns_gil"], "py-spy should see the thread holding the GIL"
+    assert culprit["frame"].startswith("execute_model (fake_worker.py:")
+    assert any("hold_gil" in f for f in culprit["injected"])
+    assert any("sleep" in f for f in culprit["native"]), culprit["native"]
+    assert item["flight_recorder"][0]["event"] == "step.startup_done"
+    text = render(build_report(tmp_path / "dumps"))
+    assert "holding the GIL" in text and "execute_model" in text
+
+
+def test_stopped_process_is_detected_and_stays_stopped(tmp_path, watched):
+    proc, _ = watched("sleep")
+    os.kill(proc.pid, signal.SIGSTOP)
+    stopped_at = time.monotonic()
+    latency, stall = _detect(tmp_path, stopped_at)
+    assert stall.pid == proc.pid
+    assert latency < 3.0
+    (item,) = build_report(tmp_path / "dumps")
+    assert item["culprit"]["state"] == "T"
+    assert item["culprit"]["frame"].startswith("execute_model (fake_worker.py:")
+    state = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    assert state == "T", "collecting evidence must not resume a stopped process"
+    incident = json.loads(next((tmp_path / "dumps").glob("*/incident.json")).read_text())
+    assert incident["stall"]["pid"] == proc.pid
+    assert procrecords.read_records(tmp_path / "state")[0]["alive"]

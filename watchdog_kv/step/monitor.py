@@ -1,0 +1,283 @@
+"""The monitor: reads every beacon from outside and says which process is stalled.
+
+It runs in the supervisor (``watchdog-kv serve``) or as a sidecar
+(``watchdog-kv monitor``), never inside a watched process, so it keeps working
+when a vLLM process holds the GIL or is stopped. Two rules, checked every
+``interval``:
+
+* **overdue**: a process is in a phase (startup, step, connector call) for
+  longer than the deadline it wrote when the phase began;
+* **no progress**: an API server has requests outstanding for an engine rank,
+  and that engine has neither started nor finished a phase for longer than its
+  step deadline since the work arrived -- an engine stopped while idle shows
+  nothing overdue, but it does not pick up the work either.
+
+An idle engine with nothing outstanding is never stuck. A stall is reported
+once per phase (by the beacon's sequence number); when the process moves on,
+the stall is cleared. On a new stall the monitor logs it, calls ``on_stall``
+and collects an incident (stacks of the stalled process and of the other
+processes of its server, beacons, flight recorders) in the background.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from watchdog_kv import process as procrecords
+from watchdog_kv.step.beacon import BeaconView, Phase, read_beacons
+from watchdog_kv.step.evidence import collect_incident
+from watchdog_kv.telemetry import get_logger
+
+__all__ = ["Monitor", "Stall", "find_stalls"]
+
+_log = get_logger("watchdog_kv.step")
+
+
+@dataclass
+class Stall:
+    pid: int
+    role: str
+    rank: int | None
+    server: str | None
+    process_name: str
+    reason: str  # "overdue" | "no_progress"
+    phase: str
+    what: str
+    elapsed_s: float
+    deadline_s: float
+    tid: int
+    seq: int
+    outstanding: int = 0
+    detected_wall: float = field(default_factory=time.time)
+    incident: str | None = None
+
+    @property
+    def key(self) -> tuple[int, int, str]:
+        return (self.pid, self.seq, self.reason)
+
+    def describe(self) -> str:
+        who = f"{self.server or 'server'} {self.role}"
+        if self.rank is not None:
+            who += f" rank {self.rank}"
+        who += f" (pid {self.pid})"
+        if self.reason == "no_progress":
+            return (
+                f"{who} has not stepped for {self.elapsed_s:.1f} s with {self.outstanding} "
+                f"request(s) outstanding (step deadline {self.deadline_s:.1f} s)"
+            )
+        inside = f" in {self.what}" if self.what else ""
+        return (
+            f"{who} is stuck in its {self.phase}{inside} for {self.elapsed_s:.1f} s "
+            f"(deadline {self.deadline_s:.1f} s)"
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self) | {"message": self.describe()}
+
+
+def find_stalls(
+    records: list[dict[str, Any]],
+    beacons: Mapping[int, BeaconView],
+    now: float | None = None,
+    *,
+    front_stale_s: float = 5.0,
+) -> list[Stall]:
+    """The stalls visible in ``beacons`` of the live processes in ``records``.
+
+    A front end's outstanding numbers count only while its beacon is fresh
+    (updated within ``front_stale_s``): a front end that stopped updating says
+    nothing about its engines.
+    """
+    now = time.monotonic() if now is None else now
+    alive = {int(r["pid"]): r for r in records if r.get("alive", True)}
+    stalls: list[Stall] = []
+    for pid, view in beacons.items():
+        rec = alive.get(pid)
+        if rec is not None and view.overdue(now):
+            stalls.append(_stall(rec, view, "overdue", view.elapsed(now), view.deadline_s))
+    for pid, view in beacons.items():
+        front = alive.get(pid)
+        if front is None or not view.outstanding or now - view.updated > front_stale_s:
+            continue
+        for rank, (count, since) in view.outstanding.items():
+            engine = _engine_of(alive, pid, front.get("server"), rank)
+            ev = beacons.get(int(engine["pid"])) if engine else None
+            if engine is None or ev is None or ev.phase is not Phase.IDLE:
+                continue
+            quiet = now - max(since, ev.updated)
+            if ev.deadline_s > 0 and quiet > ev.deadline_s:
+                stall = _stall(engine, ev, "no_progress", quiet, ev.deadline_s)
+                stall.outstanding = count
+                stalls.append(stall)
+    return stalls
+
+
+def _engine_of(
+    alive: Mapping[int, dict[str, Any]], front_pid: int, server: str | None, rank: int
+) -> dict[str, Any] | None:
+    """The engine core of DP ``rank`` under the front end ``front_pid``.
+
+    vLLM starts the engine cores from the API server, so its children come
+    first; an engine started elsewhere is matched by server name.
+    """
+    engines = [
+        r for r in alive.values() if r.get("role") == "engine_core" and (r.get("rank") or 0) == rank
+    ]
+    for candidates in (
+        [r for r in engines if r.get("ppid") == front_pid],
+        [r for r in engines if server is not None and r.get("server") == server],
+    ):
+        if len(candidates) == 1:
+            return candidates[0]
+    return None
+
+
+def _stall(
+    rec: Mapping[str, Any], view: BeaconView, reason: str, elapsed: float, deadline: float
+) -> Stall:
+    return Stall(
+        pid=int(rec["pid"]),
+        role=str(rec.get("role")),
+        rank=rec.get("rank"),
+        server=rec.get("server"),
+        process_name=str(rec.get("process_name", "")),
+        reason=reason,
+        phase=view.phase.name.lower(),
+        what=view.what,
+        elapsed_s=round(elapsed, 3),
+        deadline_s=round(deadline, 3),
+        tid=view.tid,
+        seq=view.seq,
+        outstanding=0,
+    )
+
+
+class Monitor:
+    """Checks the beacons of one state directory on a thread of its own."""
+
+    def __init__(
+        self,
+        state_dir: Path,
+        dump_dir: Path,
+        *,
+        interval_s: float = 0.25,
+        on_stall: Callable[[Stall], None] | None = None,
+        on_clear: Callable[[Stall], None] | None = None,
+        collect: bool = True,
+    ) -> None:
+        self.state_dir, self.dump_dir = state_dir, dump_dir
+        self.interval_s = interval_s
+        self.on_stall, self.on_clear = on_stall, on_clear
+        self.collect = collect
+        self._lock = threading.Lock()
+        self._active: dict[tuple[int, int, str], Stall] = {}
+        self._history: list[Stall] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="wkv-evidence")
+        self._evidence: dict[tuple[int, int, str], concurrent.futures.Future[Path | None]] = {}
+
+    # -- lifecycle ----------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="wkv-monitor", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.check()
+            except Exception:
+                _log.exception("watchdog_kv.internal_error", what="monitor check")
+
+    # -- one pass -------------------------------------------------------------------------
+    def check(self, now: float | None = None) -> list[Stall]:
+        """Read everything once; report new stalls and cleared ones. Returns the current."""
+        records = procrecords.read_records(self.state_dir)
+        beacons = {pid: got[0] for pid, got in read_beacons(self.state_dir).items()}
+        found = {s.key: s for s in find_stalls(records, beacons, now)}
+        with self._lock:
+            new = [s for k, s in found.items() if k not in self._active]
+            gone = [s for k, s in self._active.items() if k not in found]
+            for stall in gone:
+                del self._active[stall.key]
+            for key, stall in found.items():
+                if key in self._active:  # keep the first detection, refresh the numbers
+                    self._active[key].elapsed_s = stall.elapsed_s
+                else:
+                    self._active[key] = stall
+                    self._history.append(stall)
+        for stall in gone:
+            _log.info("step.stall_cleared", **_fields(stall))
+            if self.on_clear is not None:
+                self.on_clear(stall)
+        for stall in new:
+            _log.error("step.stall_detected", message=stall.describe(), **_fields(stall))
+            if self.collect:
+                peers = _peers(records, stall)
+                self._evidence[stall.key] = self._pool.submit(self._collect, stall, peers)
+            if self.on_stall is not None:
+                self.on_stall(stall)
+        return self.current()
+
+    def _collect(self, stall: Stall, peers: list[dict[str, Any]]) -> Path | None:
+        try:
+            folder = collect_incident(self.dump_dir, stall.as_dict(), peers, self.state_dir)
+        except Exception:
+            _log.exception("watchdog_kv.internal_error", what="incident collection")
+            return None
+        stall.incident = str(folder)
+        _log.warning("step.incident_written", pid=stall.pid, incident=str(folder))
+        return folder
+
+    def evidence(self, stall: Stall, timeout: float | None = None) -> Path | None:
+        """Wait for the incident of ``stall`` to be written (None if not collected)."""
+        fut = self._evidence.get(stall.key)
+        if fut is None:
+            return None
+        try:
+            return fut.result(timeout=timeout)
+        except (concurrent.futures.TimeoutError, concurrent.futures.CancelledError):
+            return None
+
+    # -- queries --------------------------------------------------------------------------
+    def current(self, server: str | None = None) -> list[Stall]:
+        with self._lock:
+            return [s for s in self._active.values() if server is None or s.server == server]
+
+    def history(self) -> list[Stall]:
+        with self._lock:
+            return list(self._history)
+
+
+def _peers(records: list[dict[str, Any]], stall: Stall) -> list[dict[str, Any]]:
+    """The stalled process first, then the other live processes of its server."""
+    alive = [r for r in records if r.get("alive")]
+    same = [r for r in alive if stall.server is None or r.get("server") == stall.server]
+    first = [r for r in same if int(r["pid"]) == stall.pid]
+    return first + [r for r in same if int(r["pid"]) != stall.pid]
+
+
+def _fields(stall: Stall) -> dict[str, Any]:
+    return {
+        "pid": stall.pid,
+        "server": stall.server,
+        "proc_role": stall.role,
+        "rank": stall.rank,
+        "reason": stall.reason,
+        "phase": stall.phase,
+        "what": stall.what,
+        "elapsed_s": stall.elapsed_s,
+        "deadline_s": stall.deadline_s,
+    }
