@@ -6,6 +6,9 @@ Commands:
 ``demo``    the same, then prove the hand-off on real requests, then stop
 ``model``   build (once) or locate the embedded tiny model
 ``config``  validate ``WATCHDOG_KV_*`` and print the settings (``--markdown``: the docs table)
+``report``  merge stall incidents (a dump directory) and name the stuck process/thread/frame
+``monitor`` watch the vLLM processes of a state directory from outside (a sidecar for
+            vLLM servers started without ``serve``), writing incidents on stalls
 ``doctor``  check the vLLM CPU install; ``--fix`` removes packages that break it
 
 Exit codes: 0 success, 1 failure (the message says what), 2 bad usage or bad
@@ -100,6 +103,14 @@ def _parser() -> argparse.ArgumentParser:
             "(NIXL kv_lease_duration; default: vLLM's, 30 s)",
         )
         p.add_argument(
+            "--data-parallel-size",
+            type=int,
+            default=1,
+            metavar="N",
+            help="N > 1: one plain (not disaggregated) vLLM server with N data-parallel "
+            "engine ranks behind one API server, instead of prefill + decode",
+        )
+        p.add_argument(
             "--vllm-arg",
             action="append",
             default=[],
@@ -135,6 +146,26 @@ def _parser() -> argparse.ArgumentParser:
         "--markdown",
         action="store_true",
         help="print the table of every variable (docs/configuration.md)",
+    )
+
+    report = sub.add_parser("report", help="name the culprit of each stall incident in DIR")
+    report.add_argument(
+        "dir",
+        type=Path,
+        help="an incident directory, or a folder of them (WATCHDOG_KV_DUMP_DIR)",
+    )
+    report.add_argument("--json", action="store_true", help="print the report as JSON")
+
+    monitor = sub.add_parser(
+        "monitor", help="watch the vLLM processes of WATCHDOG_KV_STATE_DIR for stalls"
+    )
+    monitor.add_argument(
+        "--for",
+        dest="duration",
+        type=_seconds,
+        default=None,
+        metavar="SECONDS",
+        help="stop after this long (default: until SIGINT/SIGTERM)",
     )
 
     doctor = sub.add_parser("doctor", help="check the vLLM CPU install")
@@ -179,7 +210,15 @@ def _service(args: argparse.Namespace, settings: config.Settings, demo: bool) ->
         vllm_args=tuple(args.vllm_arg),
         kv_lease_s=args.kv_lease,
         run_dir=args.run_dir,
+        data_parallel_size=args.data_parallel_size,
     )
+    if args.data_parallel_size < 1 or (demo and args.data_parallel_size > 1):
+        print(
+            f"watchdog-kv: --data-parallel-size {args.data_parallel_size}: expected a whole "
+            "number, 1 or more (the demo runs prefill/decode only: 1)",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
     on_ready = None
     if demo:
         from watchdog_kv.demo import run_demo
@@ -206,6 +245,41 @@ def _doctor(args: argparse.Namespace) -> int:
     return 0 if all(f.ok for f in findings) else 1
 
 
+def _report(args: argparse.Namespace) -> int:
+    import json
+
+    from watchdog_kv.step.report import build_report, render
+
+    if not args.dir.is_dir():
+        print(f"watchdog-kv: {args.dir} is not a directory", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        report = build_report(args.dir)
+    except (OSError, ValueError, KeyError) as exc:
+        print(f"watchdog-kv: cannot read incidents in {args.dir}: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(report, indent=1, default=str) if args.json else render(report), end="")
+    return 0 if report else 1
+
+
+def _monitor(args: argparse.Namespace, settings: config.Settings) -> int:
+    import signal
+    import threading
+
+    from watchdog_kv.step.monitor import Monitor
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    mon = Monitor(settings.state_dir, settings.dumps, interval_s=settings.monitor_interval_s)
+    mon.start()
+    try:
+        stop.wait(args.duration)
+    finally:
+        mon.stop()
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -227,6 +301,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command == "doctor":
         return _doctor(args)
+    if args.command == "report":
+        return _report(args)
+    if args.command == "monitor":
+        return _monitor(args, settings)
     if args.command == "config":
         if args.markdown:
             print(config.markdown_table(), end="")

@@ -4,7 +4,10 @@
 ``POST /v1/completions``    prefill -> decode hand-off (streaming or not)
 ``POST /v1/chat/completions`` same, for chat
 ``GET /v1/models``          the decode server's model list
-``GET /health``             200 when every server is ready, else 503 with states
+``GET /health``             200 when every server is live, ready and making progress,
+                            else 503 saying which is not
+``GET /watchdog/health``    live / ready / progressing per server, told apart, with
+                            the stalls seen; ``?probe=live|ready|progress`` checks one
 ``GET /watchdog/status``    servers (pid, state, url, log) and the status records
                             of every vLLM process that registered watchdog_kv
 ==========================  ========================================================
@@ -41,6 +44,33 @@ class Backends(Protocol):
     def ready(self) -> bool: ...
     def backend(self, role: str) -> Backend: ...
     def status(self) -> dict[str, Any]: ...
+    def health(self) -> dict[str, Any]: ...
+    def plain(self) -> bool: ...
+
+
+_PROBES = {"live": ("live",), "ready": ("live", "ready"), "progress": ("progressing",)}
+
+
+def _unhealthy(health: dict[str, Any], checks: tuple[str, ...]) -> dict[str, list[str]]:
+    """Server -> the checks it fails."""
+    out = {}
+    for name, h in health.items():
+        failed = [c for c in checks if not h.get(c)]
+        if failed:
+            out[name] = failed
+    return out
+
+
+def _stalled_error(health: dict[str, Any], *names: str) -> HandoffError | None:
+    for name in names:
+        h = health.get(name, {})
+        if h.get("stalls"):
+            return HandoffError(
+                503,
+                f"{name} is stalled: {h['stalls'][0]}; not sending the request into it",
+                "server_stalled",
+            )
+    return None
 
 
 def build_app(backends: Backends, settings: Settings) -> web.Application:
@@ -53,6 +83,23 @@ def build_app(backends: Backends, settings: Settings) -> web.Application:
 
     app.cleanup_ctx.append(_session)
 
+    async def _plain(
+        request: web.Request, body: dict[str, Any], request_id: str, log: Any, t0: float
+    ) -> web.StreamResponse:
+        """A data-parallel deployment: no hand-off, the server balances its own ranks."""
+        server = backends.backend("plain")
+        response = await run_decode(
+            request,
+            request.app[_HTTP],
+            server,
+            request.path,
+            body,
+            request_id,
+            settings.decode_idle_timeout_s,
+        )
+        log.info("request.done", server=server.name, seconds=round(time.monotonic() - t0, 3))
+        return response
+
     def handler(path: str) -> Callable[[web.Request], Any]:
         async def handle(request: web.Request) -> web.StreamResponse:
             request_id = request.headers.get("X-Request-Id") or f"wkv-{uuid.uuid4().hex}"
@@ -62,7 +109,13 @@ def build_app(backends: Backends, settings: Settings) -> web.Application:
                 if not backends.ready():
                     raise HandoffError(503, "servers are not ready", "service_unavailable")
                 body = validate_body(await request.read())
+                if backends.plain():
+                    return await _plain(request, body, request_id, log, t0)
                 prefill, decode = backends.backend("prefill"), backends.backend("decode")
+                if settings.stall_action != "observe":
+                    stalled = _stalled_error(backends.health(), prefill.name, decode.name)
+                    if stalled is not None:
+                        raise stalled
                 params = await run_prefill(
                     request.app[_HTTP], prefill, path, body, request_id, settings.prefill_timeout_s
                 )
@@ -103,7 +156,7 @@ def build_app(backends: Backends, settings: Settings) -> web.Application:
     async def models(request: web.Request) -> web.Response:
         if not backends.ready():
             return error_response(503, "servers are not ready", "service_unavailable")
-        decode = backends.backend("decode")
+        decode = backends.backend("plain" if backends.plain() else "decode")
         try:
             async with request.app[_HTTP].get(
                 f"{decode.url}/v1/models", timeout=aiohttp.ClientTimeout(total=10)
@@ -117,11 +170,29 @@ def build_app(backends: Backends, settings: Settings) -> web.Application:
             )
 
     async def health(_: web.Request) -> web.Response:
-        status = backends.status()
-        states = {n: s["state"] for n, s in status.get("servers", {}).items()}
-        ok = backends.ready()
+        detail = backends.health()
+        states = {n: h["state"] for n, h in detail.items()}
+        failing = _unhealthy(detail, ("live", "ready", "progressing"))
+        ok = backends.ready() and not failing
+        body: dict[str, Any] = {"status": "ok" if ok else "unavailable", "servers": states}
+        if failing:
+            body["failing"] = failing
+        return web.json_response(body, status=200 if ok else 503)
+
+    async def watchdog_health(request: web.Request) -> web.Response:
+        probe = request.query.get("probe")
+        if probe is not None and probe not in _PROBES:
+            return error_response(
+                400,
+                f"unknown probe {probe!r}; expected one of {', '.join(_PROBES)}",
+                "bad_request",
+            )
+        detail = backends.health()
+        checks = _PROBES[probe] if probe else ("live", "ready", "progressing")
+        failing = _unhealthy(detail, checks)
         return web.json_response(
-            {"status": "ok" if ok else "unavailable", "servers": states}, status=200 if ok else 503
+            {"ok": not failing, "checks": list(checks), "failing": failing, "servers": detail},
+            status=503 if failing or not detail else 200,
         )
 
     async def watchdog_status(_: web.Request) -> web.Response:
@@ -132,6 +203,7 @@ def build_app(backends: Backends, settings: Settings) -> web.Application:
     app.router.add_get("/v1/models", models)
     app.router.add_get("/health", health)
     app.router.add_get("/watchdog/status", watchdog_status)
+    app.router.add_get("/watchdog/health", watchdog_health)
     return app
 
 

@@ -119,6 +119,15 @@ async def _relay_error(resp: aiohttp.ClientResponse, backend: Backend) -> Handof
     if 400 <= resp.status < 500:
         # vLLM rejected the request itself: the client's mistake, passed through.
         return HandoffError(resp.status, str(detail), "invalid_request_error")
+    if resp.status == 503:
+        # Unavailable for now (a stalled engine's requests are failed this way):
+        # retryable, so it stays a 503 for the client.
+        return HandoffError(
+            503,
+            f"{backend.name} answered 503: {detail}",
+            "upstream_unavailable",
+            server=backend.name,
+        )
     return HandoffError(
         502,
         f"{backend.name} answered {resp.status}: {detail}",

@@ -8,10 +8,10 @@ one:
   blocked in C shows the C frames under its Python ones and py-spy marks the
   thread that holds the GIL. A *stopped* process (state ``T``) cannot be
   paused again by py-spy's ptrace, so it is read with ``--nonblocking`` --
-  exact, since a stopped process cannot change under the reader -- and, when
-  ``gdb`` is installed, its native stacks come from ``gdb -batch`` (which
-  leaves a stopped process stopped). Neither tool ever resumes a stopped
-  process;
+  exact, since a stopped process cannot change under the reader -- without
+  native frames (py-spy needs ptrace for those; ``gdb`` can read them but took
+  over 20 s on a vLLM engine core here, so it is not used). A stopped process
+  stays stopped;
 * the beacon and flight recorder are read from the process's beacon file.
 
 An incident is one directory holding ``incident.json`` (the stall and the
@@ -95,22 +95,8 @@ def dump_stacks(pid: int, timeout: float = DUMP_TIMEOUT_S) -> dict[str, Any]:
             out["tool"] = f"py-spy dump --json {' '.join(extra)}"
             break
         out["errors"].append(f"py-spy {' '.join(extra)}: {stderr.strip()[-400:]}")
-    if stopped:
-        native = _gdb_native(pid, timeout)
-        if native is not None:
-            out["native_text"] = native
     out["seconds"] = round(time.monotonic() - t0, 3)
     return out
-
-
-def _gdb_native(pid: int, timeout: float) -> str | None:
-    gdb = shutil.which("gdb")
-    if gdb is None:
-        return None
-    code, stdout, _ = _run(
-        [gdb, "-batch", "-nx", "-p", str(pid), "-ex", "thread apply all bt 40"], timeout
-    )
-    return stdout if code == 0 and stdout else None
 
 
 def collect_incident(

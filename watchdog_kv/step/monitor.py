@@ -224,12 +224,30 @@ class Monitor:
                 self.on_clear(stall)
         for stall in new:
             _log.error("step.stall_detected", message=stall.describe(), **_fields(stall))
-            if self.collect:
+            if not self.collect:
+                pass
+            elif (same := self._episode(stall)) is not None:
+                # another process of this server is already stalled: one incident
+                # (it holds every process of the server) serves both
+                self._evidence[stall.key] = self._evidence[same.key]
+            else:
                 peers = _peers(records, stall)
                 self._evidence[stall.key] = self._pool.submit(self._collect, stall, peers)
             if self.on_stall is not None:
                 self.on_stall(stall)
         return self.current()
+
+    def _episode(self, stall: Stall) -> Stall | None:
+        """An earlier, still active stall of the same server with evidence under way."""
+        with self._lock:
+            for other in self._active.values():
+                if (
+                    other.key != stall.key
+                    and other.server == stall.server
+                    and other.key in self._evidence
+                ):
+                    return other
+        return None
 
     def _collect(self, stall: Stall, peers: list[dict[str, Any]]) -> Path | None:
         try:

@@ -21,7 +21,6 @@ a rehearsal says so.
 from __future__ import annotations
 
 import json
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -154,10 +153,12 @@ def find_culprit(incident: Incident) -> Culprit | None:
                 injected.append(_label(fr))
             continue
         frame = _label(fr)
-        called_from = [_label(f) for f in frames[index + 1 :] if _is_python(f)][:8]
+        called_from = [
+            _label(f)
+            for f in frames[index + 1 :]
+            if _is_python(f) and _OWN_CODE not in str(f.get("filename", ""))
+        ][:6]
         break
-    if not native and stacks.get("native_text") and thread is not None:
-        native = _gdb_frames(str(stacks["native_text"]), thread.get("os_thread_id"))
     if state in ("T", "t"):
         why = "the kernel shows the process stopped"
     elif pid != flagged:
@@ -185,23 +186,6 @@ def find_culprit(incident: Incident) -> Culprit | None:
         injected=[f for f in injected if "faults" in f or "inject" in f] or injected,
         why=why,
     )
-
-
-_GDB_THREAD = re.compile(r"^Thread \d+ .*\(LWP (\d+)\)")
-_GDB_FRAME = re.compile(r"^#\d+\s+(?:0x[0-9a-f]+ in )?(\S+) \(")
-
-
-def _gdb_frames(text: str, tid: Any) -> list[str]:
-    """The innermost named native frames of thread ``tid`` in ``gdb`` output."""
-    out: list[str] = []
-    inside = False
-    for line in text.splitlines():
-        if m := _GDB_THREAD.match(line):
-            inside = str(m.group(1)) == str(tid)
-            continue
-        if inside and (m := _GDB_FRAME.match(line)):
-            out.append(f"{m.group(1)} (gdb)")
-    return out[:6]
 
 
 def build_report(folder: Path) -> list[dict[str, Any]]:

@@ -7,8 +7,14 @@ and every process already started is stopped before the error is raised.
 
 Once running, :meth:`Supervisor.wait_for_exit` returns the first decode server
 that exits on its own (a prefill that exits only degrades the service).
-Restarting it is the job of a later version; for now the
-caller shuts everything down and reports.
+
+The step watchdog's monitor (:mod:`watchdog_kv.step.monitor`) runs here, in the
+supervisor, outside every vLLM process. Its verdicts make health honest
+(:meth:`Supervisor.health`: live, ready and progressing per server) and, under
+``WATCHDOG_KV_STALL_ACTION=restart``, a stalled server is restarted once its
+incident is written: killed, started again and gated on readiness, with
+exponential backoff between failed attempts (tenacity) and at most
+``WATCHDOG_KV_RESTART_LIMIT`` restarts per server.
 """
 
 from __future__ import annotations
@@ -16,15 +22,23 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_exponential,
+)
 
 from watchdog_kv import process as procrecords
 from watchdog_kv.config import Settings
 from watchdog_kv.router.handoff import Backend
+from watchdog_kv.step.monitor import Monitor, Stall
 from watchdog_kv.supervisor import ports
 from watchdog_kv.supervisor.process import ManagedProcess
 from watchdog_kv.supervisor.progress import StartupProgress
@@ -79,6 +93,7 @@ class ServeOptions:
     vllm_args: tuple[str, ...] = ()
     kv_lease_s: float | None = None
     run_dir: Path | None = None
+    data_parallel_size: int = 1  # > 1: one plain data-parallel server, no hand-off
 
 
 @dataclass
@@ -89,6 +104,7 @@ class _Server:
     started_at: float = 0.0
     ready_after_s: float | None = None
     exit_code: int | None = None
+    restarts: list[dict[str, Any]] = field(default_factory=list)
 
 
 class Supervisor:
@@ -98,6 +114,9 @@ class Supervisor:
         self.run_dir = options.run_dir or _new_run_dir(settings.state_dir)
         self.servers: dict[str, _Server] = {}
         self._stopping = False
+        self.monitor: Monitor | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._restarting: set[str] = set()
 
     # -- planning -----------------------------------------------------------------
     def plan(self) -> list[ServerSpec]:
@@ -106,6 +125,8 @@ class Supervisor:
         taken = {opts.port}
         specs: list[ServerSpec] = []
         cores = sorted(os.sched_getaffinity(0))
+        if opts.data_parallel_size > 1:
+            return [self._plan_data_parallel(taken, cores)]
         for index, (role, fixed) in enumerate(
             (("prefill", opts.prefill_port), ("decode", opts.decode_port))
         ):
@@ -134,6 +155,35 @@ class Supervisor:
             )
         return specs
 
+    def _plan_data_parallel(self, taken: set[int], cores: list[int]) -> ServerSpec:
+        """One vLLM server with --data-parallel-size N behind one API server."""
+        opts = self.options
+        size = opts.data_parallel_size
+        if opts.decode_port is not None:
+            ports.check_free(opts.host, opts.decode_port, "dp-0 HTTP")
+            taken.add(opts.decode_port)
+        port = opts.decode_port or ports.free_port(opts.host, taken)
+        return ServerSpec(
+            name="dp-0",
+            role="plain",
+            model=opts.model,
+            served_model_name=opts.served_model_name,
+            host=opts.host,
+            port=port,
+            side_channel_port=ports.free_port(opts.host, taken),
+            max_model_len=opts.max_model_len,
+            extra_args=(
+                "--data-parallel-size",
+                str(size),
+                "--data-parallel-rpc-port",
+                str(ports.free_port(opts.host, taken)),
+                *opts.vllm_args,
+            ),
+            # one core per rank's OpenMP threads ("|" separates ranks)
+            cpu_bind="|".join(str(cores[i % len(cores)]) for i in range(size)),
+            kv_lease_s=None,
+        )
+
     # -- lifecycle ------------------------------------------------------------------
     async def start(self, specs: list[ServerSpec], *, live: bool | None = None) -> None:
         """Start every server and wait until all are healthy (or raise StartupError)."""
@@ -152,6 +202,7 @@ class Supervisor:
             servers={s.name: s.url for s in specs},
             model=str(self.options.model),
         )
+        self._start_monitor()
         with StartupProgress(list(self.servers), live=live) as progress:
             for srv in self.servers.values():
                 srv.proc.start()
@@ -208,6 +259,112 @@ class Supervisor:
             progress.update(srv.spec.name, "starting", tail[-1] if tail else "")
             await asyncio.sleep(0.5)
 
+    # -- the monitor and what its verdicts do ---------------------------------------------
+    def _start_monitor(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self.monitor = Monitor(
+            self.run_dir,
+            self.settings.dump_dir or self.run_dir / "dumps",
+            interval_s=self.settings.monitor_interval_s,
+            on_stall=self._stall_seen,
+        )
+        self.monitor.start()
+
+    def _stall_seen(self, stall: Stall) -> None:  # monitor thread
+        if self._loop is not None and self.settings.stall_action == "restart":
+            self._loop.call_soon_threadsafe(self._schedule_restart, stall)
+
+    def _schedule_restart(self, stall: Stall) -> None:
+        name = stall.server
+        if name is None or name not in self.servers or self._stopping:
+            return
+        if name in self._restarting:
+            return
+        self._restarting.add(name)
+        task = asyncio.ensure_future(self._restart_after(stall))
+        task.add_done_callback(lambda _: self._restarting.discard(name))
+
+    async def _restart_after(self, stall: Stall) -> None:
+        if self.monitor is not None:  # the evidence first: a restart destroys it
+            await asyncio.to_thread(self.monitor.evidence, stall, 60.0)
+        await self.restart(str(stall.server), f"stall: {stall.describe()}")
+
+    async def restart(self, name: str, cause: str) -> bool:
+        """Kill server ``name`` and start it again until ready; False once it gives up."""
+        srv = self.servers[name]
+        if len(srv.restarts) >= self.settings.restart_limit:
+            srv.state = "failed"
+            _log.error(
+                "server.restart_limit_reached",
+                server=name,
+                restarts=len(srv.restarts),
+                limit=self.settings.restart_limit,
+                cause=cause,
+                causes=[r["cause"] for r in srv.restarts],
+            )
+            return False
+        srv.restarts.append({"cause": cause, "at": time.time()})
+        _log.warning("server.restarting", server=name, cause=cause, restart=len(srv.restarts))
+
+        def waiting(state: RetryCallState) -> None:
+            _log.warning(
+                "server.restart_attempt_failed",
+                server=name,
+                attempt=state.attempt_number,
+                error=str(state.outcome.exception()) if state.outcome else None,
+                next_in_s=round(state.upcoming_sleep, 1),
+            )
+
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(max(1, self.settings.restart_limit)),
+            wait=wait_exponential(multiplier=self.settings.restart_backoff_s, max=60),
+            retry=retry_if_exception_type(StartupError),
+            before_sleep=waiting,
+            reraise=True,
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    await self._respawn(srv)
+        except StartupError as exc:
+            srv.state = "failed"
+            _log.error("server.restart_failed", server=name, error=str(exc))
+            return False
+        _log.info("server.restarted", server=name, after_s=srv.ready_after_s)
+        return True
+
+    async def _respawn(self, srv: _Server) -> None:
+        srv.state = "restarting"
+        await asyncio.to_thread(srv.proc.stop, 0.5)  # wedged: no graceful stop to wait for
+        if self._stopping:
+            return
+        srv.proc.start()
+        srv.started_at = time.monotonic()
+        srv.exit_code = None
+        _log.info("server.spawned", server=srv.spec.name, pid=srv.proc.pid, restart=True)
+        with StartupProgress([srv.spec.name], live=False) as progress:
+            async with aiohttp.ClientSession() as http:
+                await self._wait_ready(http, srv, progress)
+
+    def stalls(self, name: str | None = None) -> list[Stall]:
+        return self.monitor.current(name) if self.monitor is not None else []
+
+    def health(self) -> dict[str, Any]:
+        """Live, ready and progressing for each server, told apart."""
+        out: dict[str, Any] = {}
+        for name, srv in self.servers.items():
+            stalls = self.stalls(name)
+            out[name] = {
+                "role": srv.spec.role,
+                "live": srv.proc.pid is not None and srv.proc.poll() is None,
+                "ready": srv.state == "ready",
+                "progressing": not stalls,
+                "state": srv.state,
+                "stalls": [s.describe() for s in stalls],
+                "restarts": len(srv.restarts),
+            }
+        return out
+
     async def wait_for_exit(self, poll_s: float = 0.5) -> _Server:
         """Return the first *decode* server whose process exits while we are not stopping.
 
@@ -219,7 +376,7 @@ class Supervisor:
         while True:
             for srv in self.servers.values():
                 code = srv.proc.poll()
-                if code is None or self._stopping or srv.state == "exited":
+                if code is None or self._stopping or srv.state in ("exited", "restarting"):
                     continue
                 srv.state, srv.exit_code = "exited", code
                 _log.error(
@@ -227,15 +384,17 @@ class Supervisor:
                     server=srv.spec.name,
                     exit_code=code,
                     last_lines=srv.proc.tail(10),
-                    service="stopping" if srv.spec.role == "decode" else "degraded",
+                    service="degraded" if srv.spec.role == "prefill" else "stopping",
                 )
-                if srv.spec.role == "decode":
+                if srv.spec.role in ("decode", "plain"):
                     return srv
             await asyncio.sleep(poll_s)
 
     async def stop(self) -> None:
         """Stop every server tree in parallel; SIGKILL what outlives the grace period."""
         self._stopping = True
+        if self.monitor is not None:
+            self.monitor.stop()
         started = [s for s in self.servers.values() if s.proc.pid is not None]
         if not started:
             return
@@ -267,10 +426,13 @@ class Supervisor:
                     "exit_code": s.exit_code,
                     "ready_after_s": s.ready_after_s,
                     "log": str(s.proc.log_path),
+                    "restarts": s.restarts,
                 }
                 for name, s in self.servers.items()
             },
             "processes": procrecords.read_records(self.run_dir),
+            "health": self.health(),
+            "stalls": [s.as_dict() for s in (self.monitor.history() if self.monitor else [])],
         }
 
     def backend(self, role: str) -> Backend:
@@ -278,6 +440,10 @@ class Supervisor:
             if srv.spec.role == role:
                 return Backend(srv.spec.name, srv.spec.url)
         raise KeyError(role)
+
+    def plain(self) -> bool:
+        """A data-parallel deployment without prefill/decode hand-off."""
+        return any(s.spec.role == "plain" for s in self.servers.values())
 
     def ready(self) -> bool:
         return bool(self.servers) and all(s.state == "ready" for s in self.servers.values())

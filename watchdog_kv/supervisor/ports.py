@@ -1,9 +1,18 @@
-"""Port checks done before anything is started, so a clash is a clear error."""
+"""Port checks done before anything is started, so a clash is a clear error.
+
+Ports the supervisor chooses are taken *below* the kernel's ephemeral range
+(``/proc/sys/net/ipv4/ip_local_port_range``): between choosing a port and the
+vLLM process binding it, any process binding port 0 -- a ZeroMQ socket, an
+outgoing connection -- gets an ephemeral port, so it can never take ours.
+(Measured: a prefill's NIXL side channel lost its port that way and the
+server never became ready.)
+"""
 
 from __future__ import annotations
 
-import contextlib
+import random
 import socket
+from pathlib import Path
 
 __all__ = ["PortInUseError", "check_free", "free_port"]
 
@@ -34,12 +43,26 @@ def check_free(host: str, port: int, what: str) -> None:
     sock.close()
 
 
+def _ephemeral_start() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port(host: str, taken: set[int]) -> int:
-    """A port the kernel says is free now and that is not in ``taken``."""
-    for _ in range(100):
-        with contextlib.closing(_bind(host, 0)) as sock:
-            port = int(sock.getsockname()[1])
-        if port not in taken:
-            taken.add(port)
-            return port
-    raise RuntimeError("could not find a free port")
+    """A port below the ephemeral range, free now and not in ``taken``."""
+    high = _ephemeral_start()
+    low = max(1024, min(20000, high - 4096))
+    for _ in range(200):
+        port = random.randint(low, high - 1)
+        if port in taken:
+            continue
+        try:
+            sock = _bind(host, port)
+        except OSError:
+            continue
+        sock.close()
+        taken.add(port)
+        return port
+    raise RuntimeError(f"could not find a free port on {host} between {low} and {high - 1}")

@@ -40,7 +40,7 @@ _ENV_DEFAULTS = {
 @dataclass(frozen=True)
 class ServerSpec:
     name: str  # "prefill-0", "decode-0"
-    role: str  # "prefill" | "decode"
+    role: str  # "prefill" | "decode" | "plain" (no KV hand-off: data parallel)
     model: Path
     served_model_name: str
     host: str
@@ -71,8 +71,11 @@ class ServerSpec:
             "--enforce-eager",
             "--max-model-len",
             str(self.max_model_len),
-            "--kv-transfer-config",
-            json.dumps(self.kv_transfer_config()),
+            *(
+                ()
+                if self.role == "plain"
+                else ("--kv-transfer-config", json.dumps(self.kv_transfer_config()))
+            ),
             *self.extra_args,
         ]
 
