@@ -222,3 +222,55 @@ def test_stopped_process_is_detected_and_stays_stopped(tmp_path, watched):
     incident = json.loads(next((tmp_path / "dumps").glob("*/incident.json")).read_text())
     assert incident["stall"]["pid"] == proc.pid
     assert procrecords.read_records(tmp_path / "state")[0]["alive"]
+
+
+def test_watch_learns_from_steps_but_not_from_a_stall(tmp_path):
+    from watchdog_kv import config
+    from watchdog_kv.step.watch import STARTUP_STEPS, StepWatch
+
+    settings = config.load(
+        {"WATCHDOG_KV_STATE_DIR": str(tmp_path), "WATCHDOG_KV_STEP_FLOOR": "0.2"}
+    )
+    watch = StepWatch(settings, "worker", pid=31337)
+    view, _ = read_beacon(watch.beacon.path)
+    assert view.phase is Phase.STARTUP and view.deadline_s == settings.startup_cap_s
+    time.sleep(0.05)  # the model "loads"
+    for _ in range(STARTUP_STEPS):  # the first steps are held to the startup deadline
+        with watch.step("Worker.execute_model"):
+            view, _ = read_beacon(watch.beacon.path)
+            assert view.deadline_s >= settings.startup_floor_s
+    with watch.step("Worker.execute_model"):
+        time.sleep(0.1)
+    learned = watch.deadlines.deadline(Kind.STEP)
+    assert 0.4 <= learned < 1.0  # 4 x the longest step, above the 0.2 s floor
+    with watch.step("Worker.execute_model"):
+        view, _ = read_beacon(watch.beacon.path)
+        assert view.phase is Phase.STEP and view.deadline_s == learned
+        time.sleep(learned + 0.1)  # overruns: a stall
+    assert watch.deadlines.deadline(Kind.STEP) == learned, "a stall must not stretch it"
+    with watch.connector_call("start_load_kv"):
+        view, _ = read_beacon(watch.beacon.path)
+        assert (view.phase, view.what) == (Phase.CONNECTOR, "start_load_kv")
+    view, _ = read_beacon(watch.beacon.path)
+    assert view.phase is Phase.IDLE and view.deadline_s == learned  # the no-progress deadline
+    # the start-up time is remembered for the next start of this server and role
+    again = StepWatch(settings, "worker", pid=31338)
+    assert again.deadlines.deadline(Kind.STARTUP) == settings.startup_floor_s
+
+
+def test_watch_disables_itself_on_its_own_failure(tmp_path):
+    from watchdog_kv import config
+    from watchdog_kv.guard import clear_internal_errors, internal_errors
+    from watchdog_kv.step.watch import StepWatch
+
+    watch = StepWatch(config.load({"WATCHDOG_KV_STATE_DIR": str(tmp_path)}), "worker", pid=7)
+    watch.beacon._mm.close()  # our own state breaks
+    ran = []
+    with watch.step("Worker.execute_model"):
+        ran.append(True)  # vLLM's step still runs
+    assert ran and not watch.enabled
+    assert internal_errors()
+    clear_internal_errors()
+    # and vLLM's exceptions pass through untouched
+    with pytest.raises(KeyError), watch.step("Worker.execute_model"):
+        raise KeyError("vllm's own")

@@ -111,7 +111,9 @@ class FrontGuard:
         found = read_beacons(self.settings.state_dir)
         beacons = {p: got[0] for p, got in found.items() if p in pids}
         by_rank: dict[int, Stall] = {}
-        for stall in find_stalls(mine, beacons, now):
+        # the furthest-in process first: a worker stuck in a connector call, not the
+        # engine core waiting on it, is what the client's error should name
+        for stall in sorted(find_stalls(mine, beacons, now), key=_depth, reverse=True):
             by_rank.setdefault(engine_rank(stall, mine), stall)
         with self._lock:
             new = {r: s for r, s in by_rank.items() if r not in self.stalled}
@@ -200,6 +202,14 @@ class FrontGuard:
     def status(self) -> dict[str, Any]:
         with self._lock:
             return {"stalled_ranks": {r: s.describe() for r, s in self.stalled.items()}}
+
+
+_PHASE_DEPTH = {"idle": 0, "startup": 1, "step": 2, "connector": 3}
+_ROLE_DEPTH = {"engine_core": 1, "worker": 2}
+
+
+def _depth(stall: Stall) -> tuple[int, int]:
+    return (_PHASE_DEPTH.get(stall.phase, 0), _ROLE_DEPTH.get(stall.role, 0))
 
 
 def _descendants(records: list[dict[str, Any]], root: int) -> list[dict[str, Any]]:

@@ -55,6 +55,7 @@ class Stall:
     seq: int
     outstanding: int = 0
     detected_wall: float = field(default_factory=time.time)
+    detected_after_s: float = 0.0  # how long it had been stuck when it was detected
     incident: str | None = None
 
     @property
@@ -155,6 +156,7 @@ def _stall(
         tid=view.tid,
         seq=view.seq,
         outstanding=0,
+        detected_after_s=round(elapsed, 3),
     )
 
 

@@ -98,22 +98,37 @@ class StepWatch:
             kind = Kind.STARTUP if self._startup_steps > 0 else Kind.STEP
             if work is not None:
                 self.beacon.set_work(work)
-            started = self.beacon.enter(Phase.STEP, self.deadlines.deadline(kind), what)
+            deadline = self.deadlines.deadline(kind)
+            started = self.beacon.enter(Phase.STEP, deadline, what)
         try:
             yield
         finally:
             if started is not None:
                 with contained("step.exit", on_error=self.disable):
-                    self._end_step(started, kind, what)
+                    self._end_step(started, kind, what, deadline)
 
-    def _end_step(self, started: float, kind: Kind, what: str) -> None:
+    def _learn(self, kind: Kind, seconds: float, deadline: float, what: str) -> None:
+        """Teach the deadlines, except with a phase that overran its deadline: that was
+        a stall, and learning from it would stretch the deadline that must catch the next."""
+        if seconds > deadline:
+            _log.warning(
+                "step.overran",
+                kind=kind.value,
+                what=what,
+                seconds=round(seconds, 3),
+                deadline_s=deadline,
+            )
+            return
+        self.deadlines.observe(kind, seconds)
+
+    def _end_step(self, started: float, kind: Kind, what: str, deadline: float) -> None:
         seconds = self.beacon.exit(started, step_done=True)
         if kind is Kind.STARTUP:
             self._startup_steps -= 1
-        self.deadlines.observe(kind, seconds)
+        self._learn(kind, seconds, deadline, what)
         step_deadline = self.deadlines.deadline(Kind.STEP)
         self.beacon.set_idle_deadline(step_deadline)
-        if kind is Kind.STEP and seconds > 0.5 * step_deadline:
+        if kind is Kind.STEP and 0.5 * step_deadline < seconds <= deadline:
             _log.warning(
                 "step.slow", what=what, seconds=round(seconds, 3), deadline_s=step_deadline
             )
@@ -133,7 +148,7 @@ class StepWatch:
         finally:
             if started is not None:
                 with contained("step.connector_exit", on_error=self.disable):
-                    self.deadlines.observe(Kind.CONNECTOR, self.beacon.exit(started))
+                    self._learn(Kind.CONNECTOR, self.beacon.exit(started), deadline, what)
 
     def maybe_stall(self, kind: str) -> None:
         """Fire an armed stall fault (rehearsals only; a no-op unless configured)."""

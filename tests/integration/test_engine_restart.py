@@ -1,0 +1,87 @@
+"""The restart action on real vLLM: a stalled decode server is restarted by the
+supervisor once its incident is written, and only up to the restart limit."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+from .conftest import base_env, events, http_json, requires_vllm, start_service, stop_service
+from .test_engine_stalls import complete, pids, text_of, wait_incident
+
+pytestmark = [pytest.mark.vllm, requires_vllm]
+
+
+@pytest.fixture(scope="module")
+def restarting(tmp_path_factory):
+    env = base_env(WATCHDOG_KV_STALL_ACTION="restart", WATCHDOG_KV_RESTART_LIMIT="1")
+    svc = start_service(tmp_path_factory.mktemp("restart-run"), env)
+    yield svc
+    for pid in pids(svc, "decode-0", "engine_core"):
+        os.kill(pid, signal.SIGCONT)
+    stop_service(svc)
+
+
+def stop_engine_mid_request(svc, prompt: str) -> tuple[int, dict]:
+    """SIGSTOP the decode engine core while it decodes; returns the request's answer."""
+    (engine,) = pids(svc, "decode-0", "engine_core")
+    result: dict = {}
+    thread = threading.Thread(
+        target=lambda: result.update(
+            answer=complete(svc.url, prompt, timeout=120, max_tokens=400, ignore_eos=True)
+        )
+    )
+    thread.start()
+    time.sleep(1.0)
+    os.kill(engine, signal.SIGSTOP)
+    thread.join(timeout=60)
+    assert not thread.is_alive(), "the request hung"
+    code, body, _ = result["answer"]
+    return code, body
+
+
+def server_state(svc) -> dict:
+    return svc.status()["servers"]["decode-0"]
+
+
+def test_stalled_server_is_restarted_then_given_up_on_at_the_limit(restarting):
+    svc = restarting
+    prompt = "Restart: the decode engine is stopped and the server restarted."
+    reference = text_of(complete(svc.url, prompt)[1])
+    old_pid = server_state(svc)["pid"]
+
+    code, body = stop_engine_mid_request(svc, prompt)
+    assert code == 503 and "stalled" in body["error"]["message"], body
+    stall = svc.status()["stalls"][0]
+    wait_incident(svc, stall)  # the evidence is written before the restart destroys it
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        state = server_state(svc)
+        if state["state"] == "ready" and state["pid"] != old_pid:
+            break
+        time.sleep(1)
+    else:
+        pytest.fail(f"decode-0 was not restarted: {server_state(svc)}")
+    assert len(state["restarts"]) == 1 and state["restarts"][0]["cause"].startswith("stall:")
+    code, body, _ = complete(svc.url, prompt)
+    assert code == 200 and text_of(body) == reference
+
+    # a second stall: the limit (1) is reached; the server is reported failed, not restarted
+    code, body = stop_engine_mid_request(svc, prompt)
+    assert code == 503, body
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and server_state(svc)["state"] != "failed":
+        time.sleep(0.5)
+    assert server_state(svc)["state"] == "failed"
+    code, health = http_json(f"{svc.url}/health")
+    assert code == 503 and "decode-0" in health["failing"]
+    limit = [
+        e
+        for e in events(svc.stderr_path.read_text())
+        if e["event"] == "server.restart_limit_reached"
+    ]
+    assert limit and limit[0]["server"] == "decode-0" and limit[0]["limit"] == 1
