@@ -71,6 +71,7 @@ class FrontGuard:
         self.beacon = Beacon(settings.state_dir)
         self.stalled: dict[int, Stall] = {}
         self._since: dict[int, float] = {}
+        self._unacked: dict[int, tuple[int, float]] = {}  # rank -> (requests, failed at)
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._patches = InstancePatches()
@@ -96,7 +97,21 @@ class FrontGuard:
 
     def tick(self, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
+        records = [r for r in procrecords.read_records(self.settings.state_dir) if r.get("alive")]
+        mine = _descendants(records, self.pid)
+        pids = {int(r["pid"]) for r in mine}
+        found = read_beacons(self.settings.state_dir)
+        beacons = {p: got[0] for p, got in found.items() if p in pids}
         counts = Counter(self._requests_by_rank().values())
+        # Requests we failed on a stalled rank stay its outstanding work until that
+        # engine moves again: vLLM forgets them at once, but the engine has not.
+        for rank, (count, failed_at) in list(self._unacked.items()):
+            engine = _engine_pid(mine, rank)
+            view = beacons.get(engine) if engine is not None else None
+            if view is None or view.updated > failed_at:
+                del self._unacked[rank]
+            else:
+                counts[rank] += count
         for rank in set(counts) | set(self._since):
             if counts.get(rank):
                 since = self._since.setdefault(rank, now)
@@ -105,11 +120,6 @@ class FrontGuard:
                 self._since.pop(rank, None)
                 self.beacon.set_outstanding(rank, 0, 0.0)
         self.beacon.touch()
-        records = [r for r in procrecords.read_records(self.settings.state_dir) if r.get("alive")]
-        mine = _descendants(records, self.pid)
-        pids = {int(r["pid"]) for r in mine}
-        found = read_beacons(self.settings.state_dir)
-        beacons = {p: got[0] for p, got in found.items() if p in pids}
         by_rank: dict[int, Stall] = {}
         # the furthest-in process first: a worker stuck in a connector call, not the
         # engine core waiting on it, is what the client's error should name
@@ -141,6 +151,7 @@ class FrontGuard:
                 queue.put(_stalled_error(message))
                 failed.append(rid)
         if failed:
+            self._unacked[rank] = (len(failed), time.monotonic())
             await self.engine.abort(failed, internal=True)
         _log.warning("step.requests_failed", dp_rank=rank, requests=len(failed), status=503)
 
@@ -210,6 +221,13 @@ _ROLE_DEPTH = {"engine_core": 1, "worker": 2}
 
 def _depth(stall: Stall) -> tuple[int, int]:
     return (_PHASE_DEPTH.get(stall.phase, 0), _ROLE_DEPTH.get(stall.role, 0))
+
+
+def _engine_pid(records: list[dict[str, Any]], rank: int) -> int | None:
+    for rec in records:
+        if rec.get("role") == "engine_core" and int(rec.get("rank") or 0) == rank:
+            return int(rec["pid"])
+    return None
 
 
 def _descendants(records: list[dict[str, Any]], root: int) -> list[dict[str, Any]]:
