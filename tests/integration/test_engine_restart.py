@@ -11,7 +11,7 @@ import time
 import pytest
 
 from .conftest import base_env, events, http_json, requires_vllm, start_service, stop_service
-from .test_engine_stalls import complete, pids, text_of, wait_incident
+from .test_engine_stalls import complete, pids, text_of, wait_incident, wait_progressing
 
 pytestmark = [pytest.mark.vllm, requires_vllm]
 
@@ -69,6 +69,7 @@ def test_stalled_server_is_restarted_then_given_up_on_at_the_limit(restarting):
     assert len(state["restarts"]) == 1 and state["restarts"][0]["cause"].startswith("stall:")
     code, body, _ = complete(svc.url, prompt)
     assert code == 200 and text_of(body) == reference
+    wait_progressing(svc, "decode-0")
 
     # a second stall: the limit (1) is reached; the server is reported failed, not restarted
     code, body = stop_engine_mid_request(svc, prompt)
@@ -85,3 +86,5 @@ def test_stalled_server_is_restarted_then_given_up_on_at_the_limit(restarting):
         if e["event"] == "server.restart_limit_reached"
     ]
     assert limit and limit[0]["server"] == "decode-0" and limit[0]["limit"] == 1
+    # nothing else was restarted on the way (no false stall of a healthy server)
+    assert svc.status()["servers"]["prefill-0"]["restarts"] == []

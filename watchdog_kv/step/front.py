@@ -138,22 +138,25 @@ class FrontGuard:
 
     # -- acting (on the event loop) -----------------------------------------------------------
     async def _fail_rank(self, rank: int, stall: Stall) -> None:
-        ids = [rid for rid, r in self._requests_by_rank().items() if r == rank]
-        message = (
-            f"watchdog_kv: engine rank {rank} stalled: {stall.describe()}; the request was "
-            "failed instead of waiting for it"
-        )
-        failed = []
-        for rid in ids:
-            state = self.engine.output_processor.request_states.get(rid)
-            queue = getattr(state, "queue", None)
-            if queue is not None:
-                queue.put(_stalled_error(message))
-                failed.append(rid)
+        failed: list[str] = []
+        with contained("step.fail_rank"):
+            ids = [rid for rid, r in self._requests_by_rank().items() if r == rank]
+            message = (
+                f"watchdog_kv: engine rank {rank} stalled: {stall.describe()}; the request was "
+                "failed instead of waiting for it"
+            )
+            for rid in ids:
+                state = self.engine.output_processor.request_states.get(rid)
+                queue = getattr(state, "queue", None)
+                if queue is not None:
+                    queue.put(_stalled_error(message))
+                    failed.append(rid)
+            if failed:
+                self._unacked[rank] = (len(failed), time.monotonic())
+            _log.warning("step.requests_failed", dp_rank=rank, requests=len(failed), status=503)
         if failed:
-            self._unacked[rank] = (len(failed), time.monotonic())
-            await self.engine.abort(failed, internal=True)
-        _log.warning("step.requests_failed", dp_rank=rank, requests=len(failed), status=503)
+            with contained("step.abort_failed_requests"):  # our own task: nothing to hand back
+                await self.engine.abort(failed, internal=True)
 
     def _route_around(self) -> None:
         """New requests avoid stalled ranks; with none left they get 503 at once."""
@@ -163,7 +166,11 @@ class FrontGuard:
         original_add = self.engine.add_request
 
         async def add_request(*args: Any, **kwargs: Any) -> Any:
-            self._refuse_if_all_stalled()
+            refusal = None
+            with contained("step.admission"):
+                refusal = self._refusal()
+            if refusal is not None:
+                raise refusal
             return await original_add(*args, **kwargs)
 
         self._patches.replace(self.engine, "add_request", add_request)
@@ -173,42 +180,53 @@ class FrontGuard:
 
         def get_core_engine_for_request(request: Any) -> Any:
             engine = choose(request)
-            with self._lock:
-                stalled = dict(self.stalled)
-            rank = int.from_bytes(engine, "little")
-            if rank not in stalled:
-                return engine
-            healthy = [e for e in client.core_engines if int.from_bytes(e, "little") not in stalled]
-            if not healthy or getattr(request, "data_parallel_rank", None) is not None:
-                client.reqs_in_flight.pop(request.request_id, None)
-                client.engine_inflight[engine] -= 1
-                raise _stalled_error(
-                    f"watchdog_kv: engine rank {rank} is stalled ({stalled[rank].describe()})"
-                    + ("" if healthy else " and no other rank can take the request")
-                )
-            alt = min(healthy, key=lambda e: client.engine_inflight[e])
-            client.reqs_in_flight[request.request_id] = alt
-            client.engine_inflight[engine] -= 1
-            client.engine_inflight[alt] += 1
-            _log.info(
-                "step.request_rerouted",
-                request_id=request.request_id,
-                from_rank=rank,
-                to_rank=int.from_bytes(alt, "little"),
-            )
-            return alt
+            outcome: Any = engine
+            with contained("step.route_around"):
+                outcome = self._reroute(client, request, engine)
+            if isinstance(outcome, Exception):
+                raise outcome
+            return outcome
 
         self._patches.replace(client, "get_core_engine_for_request", get_core_engine_for_request)
 
-    def _refuse_if_all_stalled(self) -> None:
+    def _reroute(self, client: Any, request: Any, engine: Any) -> Any:
+        """The engine to use instead of a stalled one, or the error to answer with."""
+        with self._lock:
+            stalled = dict(self.stalled)
+        rank = int.from_bytes(engine, "little")
+        if rank not in stalled:
+            return engine
+        healthy = [e for e in client.core_engines if int.from_bytes(e, "little") not in stalled]
+        if not healthy or getattr(request, "data_parallel_rank", None) is not None:
+            client.reqs_in_flight.pop(request.request_id, None)
+            client.engine_inflight[engine] -= 1
+            return _stalled_error(
+                f"watchdog_kv: engine rank {rank} is stalled ({stalled[rank].describe()})"
+                + ("" if healthy else " and no other rank can take the request")
+            )
+        alt = min(healthy, key=lambda e: client.engine_inflight[e])
+        client.reqs_in_flight[request.request_id] = alt
+        client.engine_inflight[engine] -= 1
+        client.engine_inflight[alt] += 1
+        _log.info(
+            "step.request_rerouted",
+            request_id=request.request_id,
+            from_rank=rank,
+            to_rank=int.from_bytes(alt, "little"),
+        )
+        return alt
+
+    def _refusal(self) -> Exception | None:
+        """A 503 for a new request when no engine rank of this server can take it."""
         with self._lock:
             stalled = dict(self.stalled)
         if not stalled:
-            return
+            return None
         ranks = len(getattr(self.engine.engine_core, "core_engines", [0])) or 1
-        if len(stalled) >= ranks:
-            detail = "; ".join(s.describe() for s in stalled.values())
-            raise _stalled_error(f"watchdog_kv: every engine rank is stalled: {detail}")
+        if len(stalled) < ranks:
+            return None
+        detail = "; ".join(s.describe() for s in stalled.values())
+        return _stalled_error(f"watchdog_kv: every engine rank is stalled: {detail}")
 
     def status(self) -> dict[str, Any]:
         with self._lock:

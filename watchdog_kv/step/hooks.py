@@ -155,21 +155,42 @@ def _startup_ends(original: Any) -> Any:
     return busy_loop
 
 
-def _stepping(label: str, *, count_work: bool = False, fault: str | None = None) -> Any:
+def _stepping(
+    label: str,
+    *,
+    count_work: bool = False,
+    fault: str | None = None,
+    model_ran: Callable[[Any, tuple[Any, ...]], bool] = lambda result, args: True,
+) -> Any:
     def make(original: Any) -> Any:
         def step(self: Any, *args: Any, **kwargs: Any) -> Any:
             watch = _watch
             if watch is None or not watch.enabled:
                 return original(self, *args, **kwargs)
             work = _work(self) if count_work else None
-            with watch.step(label, work):
+            with watch.step(label, work) as note:
                 if fault is not None:
                     watch.maybe_stall(fault)
-                return original(self, *args, **kwargs)
+                result = original(self, *args, **kwargs)
+                with contained("step.model_ran"):
+                    note.model_ran = bool(model_ran(result, args))
+                return result
 
         return step
 
     return make
+
+
+def _no_count(result: Any, args: tuple[Any, ...]) -> bool:
+    return False  # the second half of a step whose execute_model already counted
+
+
+def _engine_executed(result: Any, args: tuple[Any, ...]) -> bool:
+    return bool(result)  # _process_engine_step returns whether the model ran
+
+
+def _tokens_scheduled(result: Any, args: tuple[Any, ...]) -> bool:
+    return bool(args) and getattr(args[0], "total_num_scheduled_tokens", 1) > 0
 
 
 def _work(engine: Any) -> int | None:
@@ -185,7 +206,7 @@ def _patch_engine(module: Any) -> None:
     _replace(
         module.EngineCoreProc,
         "_process_engine_step",
-        _stepping("EngineCore.step", count_work=True),
+        _stepping("EngineCore.step", count_work=True, model_ran=_engine_executed),
     )
     _replace(module.EngineCore, "execute_dummy_batch", _stepping("EngineCore.dummy_batch"))
 
@@ -195,8 +216,12 @@ def _patch_executor(module: Any) -> None:
 
 
 def _patch_worker(module: Any) -> None:
-    _replace(module.Worker, "execute_model", _stepping("Worker.execute_model", fault="stall_step"))
-    _replace(module.Worker, "sample_tokens", _stepping("Worker.sample_tokens"))
+    _replace(
+        module.Worker,
+        "execute_model",
+        _stepping("Worker.execute_model", fault="stall_step", model_ran=_tokens_scheduled),
+    )
+    _replace(module.Worker, "sample_tokens", _stepping("Worker.sample_tokens", model_ran=_no_count))
     _replace(module.Worker, "execute_dummy_batch", _stepping("Worker.dummy_batch"))
 
 

@@ -9,7 +9,8 @@ phase its duration teaches the deadlines (:mod:`watchdog_kv.step.deadlines`).
   ``run_busy_loop``, the worker's ``worker_busy_loop``), and then the first
   ``STARTUP_STEPS`` steps, which compile and allocate;
 * step: each ``_process_engine_step`` (engine core) or ``execute_model`` /
-  ``sample_tokens`` / ``execute_dummy_batch`` (worker);
+  ``sample_tokens`` / ``execute_dummy_batch`` (worker); only steps that ran the
+  model count towards the startup allowance and teach the deadline;
 * connector: each KV-connector call inside a worker step.
 
 Only a process with work enters a step: an idle engine waits in vLLM's input
@@ -22,6 +23,7 @@ import contextlib
 import os
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from watchdog_kv import faults
@@ -44,6 +46,11 @@ def limits_from(settings: Settings) -> dict[Kind, Limits]:
         Kind.STEP: Limits(settings.step_floor_s, settings.step_cap_s),
         Kind.CONNECTOR: Limits(settings.connector_floor_s, settings.connector_cap_s),
     }
+
+
+@dataclass
+class StepNote:
+    model_ran: bool = True
 
 
 class StepWatch:
@@ -86,10 +93,14 @@ class StepWatch:
 
     # -- phases ---------------------------------------------------------------------------
     @contextlib.contextmanager
-    def step(self, what: str, work: int | None = None) -> Iterator[None]:
-        """A model step (engine core or worker)."""
+    def step(self, what: str, work: int | None = None) -> Iterator[StepNote]:
+        """A model step (engine core or worker). The caller says on the yielded note
+        whether the model ran: only such steps use up the startup allowance and teach
+        the step deadline (an engine waiting for remote KV steps every millisecond
+        without running anything)."""
+        note = StepNote()
         if not self.enabled:
-            yield
+            yield note
             return
         started = None
         with contained("step.enter", on_error=self.disable):
@@ -101,11 +112,11 @@ class StepWatch:
             deadline = self.deadlines.deadline(kind)
             started = self.beacon.enter(Phase.STEP, deadline, what)
         try:
-            yield
+            yield note
         finally:
             if started is not None:
                 with contained("step.exit", on_error=self.disable):
-                    self._end_step(started, kind, what, deadline)
+                    self._end_step(started, kind, what, deadline, note.model_ran)
 
     def _learn(self, kind: Kind, seconds: float, deadline: float, what: str) -> None:
         """Teach the deadlines, except with a phase that overran its deadline: that was
@@ -121,8 +132,12 @@ class StepWatch:
             return
         self.deadlines.observe(kind, seconds)
 
-    def _end_step(self, started: float, kind: Kind, what: str, deadline: float) -> None:
+    def _end_step(
+        self, started: float, kind: Kind, what: str, deadline: float, model_ran: bool
+    ) -> None:
         seconds = self.beacon.exit(started, step_done=True)
+        if not model_ran:
+            return
         if kind is Kind.STARTUP:
             self._startup_steps -= 1
         self._learn(kind, seconds, deadline, what)

@@ -287,6 +287,15 @@ class Supervisor:
     async def _restart_after(self, stall: Stall) -> None:
         if self.monitor is not None:  # the evidence first: a restart destroys it
             await asyncio.to_thread(self.monitor.evidence, stall, 60.0)
+            if stall.key not in {s.key for s in self.monitor.current(stall.server)}:
+                # it moved again while the evidence was taken: a slow step, not a wedge
+                _log.warning(
+                    "server.restart_skipped",
+                    server=stall.server,
+                    reason="the stall ended before the restart",
+                    stall=stall.describe(),
+                )
+                return
         await self.restart(str(stall.server), f"stall: {stall.describe()}")
 
     async def restart(self, name: str, cause: str) -> bool:
