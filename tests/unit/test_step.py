@@ -274,3 +274,79 @@ def test_watch_disables_itself_on_its_own_failure(tmp_path):
     # and vLLM's exceptions pass through untouched
     with pytest.raises(KeyError), watch.step("Worker.execute_model"):
         raise KeyError("vllm's own")
+
+
+def test_cpu_starvation_is_not_counted_and_a_waiting_engine_is_not_blamed(tmp_path):
+    engine, worker = Beacon(tmp_path, pid=300), Beacon(tmp_path, pid=301)
+    recs = _records(
+        {"pid": 300, "ppid": 1, "role": "engine_core", "rank": 0},
+        {"pid": 301, "ppid": 300, "role": "worker", "rank": 0},
+    )
+    started = engine.enter(Phase.STEP, 2.0, "EngineCore.step")
+    worker.enter(Phase.STEP, 2.0, "Worker.execute_model")
+    views = {p: read_beacon(b.path)[0] for p, b in ((300, engine), (301, worker))}
+    # the worker waited 1.5 s of its 3 s for a CPU: 1.5 s counted, within its deadline,
+    # and the engine core, waiting on that worker, is not stuck either
+    assert find_stalls(recs, views, started + 3.0, starved={301: 1.5}) == []
+    stalls = {s.pid: s for s in find_stalls(recs, views, started + 3.0, starved={301: 0.5})}
+    assert set(stalls) == {300, 301}  # the worker is late, so the engine waiting on it is too
+    assert stalls[301].starved_s == 0.5 and stalls[301].elapsed_s == 2.5
+    # the engine itself overdue, its worker idle: the engine is blamed
+    worker.reset()
+    views = {p: read_beacon(b.path)[0] for p, b in ((300, engine), (301, worker))}
+    (stall,) = find_stalls(recs, views, started + 3.0)
+    assert stall.pid == 300
+
+
+STARVED = textwrap.dedent(
+    """
+    import os, sys
+    from pathlib import Path
+    from watchdog_kv import process
+    from watchdog_kv.step.beacon import Beacon, Phase
+
+    os.sched_setaffinity(0, {0})
+    os.nice(19)
+    state = Path(sys.argv[1])
+    process.write_record(state, process.StatusRecord(
+        pid=os.getpid(), ppid=os.getppid(), role="worker", rank=0,
+        process_name="VllmWorker-0", server="starved"))
+    beacon = Beacon(state)
+    beacon.enter(Phase.STEP, 1.0, "Worker.execute_model")
+    print("in step", flush=True)
+    x = 0
+    while True:  # a step that works, but only gets the CPU now and then
+        x += 1
+    """
+)
+
+
+def test_a_step_starved_of_cpu_is_slow_not_stuck(tmp_path):
+    """Real kernel accounting: a niced step sharing one core with a busy process
+    waits on the run queue, and that wait is not held against its deadline."""
+    script = tmp_path / "starved.py"
+    script.write_text(STARVED)
+    hog = subprocess.Popen(
+        [sys.executable, "-c", "import os; os.sched_setaffinity(0, {0})\nwhile True: pass"]
+    )
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(tmp_path / "state")], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout.readline().strip() == "in step"
+        from watchdog_kv.step.monitor import StallRules
+
+        rules = StallRules()
+        recs = procrecords.read_records(tmp_path / "state")
+        path = tmp_path / "state" / "beacons" / f"{proc.pid}.beacon"
+        rules.find(recs, {proc.pid: read_beacon(path)[0]})  # first sight: the baseline
+        time.sleep(3.0)  # 3 x its 1 s deadline in wall time
+        view = read_beacon(path)[0]
+        assert view.elapsed() > 3.0
+        assert rules.find(recs, {proc.pid: view}) == [], "a starved step was called stuck"
+        plain = find_stalls(recs, {proc.pid: view})
+        assert plain and plain[0].pid == proc.pid  # wall time alone would have flagged it
+    finally:
+        for p in (proc, hog):
+            p.kill()
+            p.wait()

@@ -38,7 +38,7 @@ from watchdog_kv.config import Settings
 from watchdog_kv.guard import contained
 from watchdog_kv.kv.patching import InstancePatches
 from watchdog_kv.step.beacon import Beacon, read_beacons
-from watchdog_kv.step.monitor import Stall, find_stalls
+from watchdog_kv.step.monitor import Stall, StallRules
 from watchdog_kv.telemetry import get_logger
 
 __all__ = ["FrontGuard", "engine_rank"]
@@ -72,6 +72,7 @@ class FrontGuard:
         self.stalled: dict[int, Stall] = {}
         self._since: dict[int, float] = {}
         self._unacked: dict[int, tuple[int, float]] = {}  # rank -> (requests, failed at)
+        self._rules = StallRules()
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._patches = InstancePatches()
@@ -123,7 +124,7 @@ class FrontGuard:
         by_rank: dict[int, Stall] = {}
         # the furthest-in process first: a worker stuck in a connector call, not the
         # engine core waiting on it, is what the client's error should name
-        for stall in sorted(find_stalls(mine, beacons, now), key=_depth, reverse=True):
+        for stall in sorted(self._rules.find(mine, beacons, now), key=_depth, reverse=True):
             by_rank.setdefault(engine_rank(stall, mine), stall)
         with self._lock:
             new = {r: s for r, s in by_rank.items() if r not in self.stalled}
