@@ -11,7 +11,14 @@ import time
 import pytest
 
 from .conftest import base_env, events, http_json, requires_vllm, start_service, stop_service
-from .test_engine_stalls import complete, pids, text_of, wait_incident, wait_progressing
+from .test_engine_stalls import (
+    complete,
+    new_stalls,
+    pids,
+    text_of,
+    wait_incident,
+    wait_progressing,
+)
 
 pytestmark = [pytest.mark.vllm, requires_vllm]
 
@@ -56,7 +63,7 @@ def test_stalled_server_is_restarted_then_given_up_on_at_the_limit(restarting):
 
     code, body = stop_engine_mid_request(svc, prompt)
     assert code == 503 and "stalled" in body["error"]["message"], body
-    stall = svc.status()["stalls"][0]
+    (stall, *_) = new_stalls(svc, 0)
     wait_incident(svc, stall)  # the evidence is written before the restart destroys it
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
