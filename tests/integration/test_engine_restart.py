@@ -62,8 +62,8 @@ def test_stalled_server_is_restarted_then_given_up_on_at_the_limit(restarting):
     old_pid = server_state(svc)["pid"]
 
     code, body = stop_engine_mid_request(svc, prompt)
-    assert code == 503 and "stalled" in body["error"]["message"], body
-    (stall, *_) = new_stalls(svc, 0)
+    assert code == 503 and "decode-0 engine_core" in body["error"]["message"], body
+    (stall, *_) = new_stalls(svc, 0, lambda s: s["server"] == "decode-0")
     wait_incident(svc, stall)  # the evidence is written before the restart destroys it
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:

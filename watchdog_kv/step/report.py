@@ -183,7 +183,7 @@ def find_culprit(incident: Incident) -> Culprit | None:
         frame=frame,
         called_from=called_from,
         native=native[:6],
-        injected=[f for f in injected if "faults" in f or "inject" in f] or injected,
+        injected=[f for f in injected if "(faults.py:" in f],
         why=why,
     )
 

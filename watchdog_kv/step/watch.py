@@ -11,7 +11,8 @@ phase its duration teaches the deadlines (:mod:`watchdog_kv.step.deadlines`).
 * step: each ``_process_engine_step`` (engine core) or ``execute_model`` /
   ``sample_tokens`` / ``execute_dummy_batch`` (worker); only steps that ran the
   model count towards the startup allowance and teach the deadline;
-* connector: each KV-connector call inside a worker step.
+* connector: each KV-connector call inside a worker step (inside the first
+  steps, held to the startup deadline).
 
 Only a process with work enters a step: an idle engine waits in vLLM's input
 queue and shows idle.
@@ -156,14 +157,19 @@ class StepWatch:
             return
         started = None
         with contained("step.connector_enter", on_error=self.disable):
-            deadline = self.deadlines.deadline(Kind.CONNECTOR)
+            # inside the first steps, connector calls set themselves up too (NIXL
+            # registrations, first handshakes): they are held to the startup deadline
+            kind = Kind.STARTUP if self._startup_steps > 0 else Kind.CONNECTOR
+            deadline = self.deadlines.deadline(kind)
             started = self.beacon.enter(Phase.CONNECTOR, deadline, what)
         try:
             yield
         finally:
             if started is not None:
                 with contained("step.connector_exit", on_error=self.disable):
-                    self._learn(Kind.CONNECTOR, self.beacon.exit(started), deadline, what)
+                    seconds = self.beacon.exit(started)
+                    if kind is Kind.CONNECTOR:
+                        self._learn(kind, seconds, deadline, what)
 
     def maybe_stall(self, kind: str) -> None:
         """Fire an armed stall fault (rehearsals only; a no-op unless configured)."""
