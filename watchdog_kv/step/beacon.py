@@ -265,6 +265,7 @@ def read_beacon(path: Path) -> tuple[BeaconView, list[dict[str, Any]]] | None:
     if len(buf) < SIZE:
         return None
     torn = True
+    fields: tuple[Any, ...] | None = None
     for _ in range(50):
         gen = _GEN.unpack_from(buf, _GEN_OFFSET)[0]
         fields = _read_header(buf)
@@ -278,6 +279,8 @@ def read_beacon(path: Path) -> tuple[BeaconView, list[dict[str, Any]]] | None:
             buf = path.read_bytes()
         except OSError:
             return None
+    if fields is None:
+        return None
     (_, _, pid, seq, phase, tid, started, deadline, updated, last, steps, work, wall, what) = fields
     outstanding: dict[int, tuple[int, float]] = {}
     for rank in range(MAX_RANKS):
