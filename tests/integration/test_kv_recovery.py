@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 
 from .conftest import base_env, events, http_json, requires_vllm, start_service, stop_service
+from .test_engine_stalls import wait_progressing
 
 pytestmark = [pytest.mark.vllm, requires_vllm]
 
@@ -110,6 +111,8 @@ def test_stopped_prefill_engine_is_recovered_by_recompute(service):
     finally:
         for pid in s.prefill_engine:
             os.kill(pid, signal.SIGCONT)
+    # the step watchdog rightly saw the prefill stopped; let it see it move again
+    wait_progressing(service, "prefill-0")
     assert code == 200, text
     assert text == s.local(prompt)
     missed = kv_events(s.decode_log, "kv.deadline_missed", since)

@@ -37,7 +37,7 @@ from watchdog_kv import threads
 from watchdog_kv.config import Settings
 from watchdog_kv.guard import contained
 from watchdog_kv.kv.patching import InstancePatches
-from watchdog_kv.step.beacon import Beacon, read_beacons
+from watchdog_kv.step.beacon import Beacon, beacon_path, read_beacon, read_beacons
 from watchdog_kv.step.monitor import Stall, StallRules
 from watchdog_kv.telemetry import get_logger
 
@@ -190,10 +190,21 @@ class FrontGuard:
 
         self._patches.replace(client, "get_core_engine_for_request", get_core_engine_for_request)
 
-    def _reroute(self, client: Any, request: Any, engine: Any) -> Any:
-        """The engine to use instead of a stalled one, or the error to answer with."""
+    def _current_stalls(self) -> dict[int, Stall]:
+        """The stalled ranks, re-checked now: a rank whose stalled process has moved
+        since the last tick (its beacon's sequence number changed) is not held
+        against a new request (a stopped engine continued a moment ago)."""
         with self._lock:
             stalled = dict(self.stalled)
+        for rank, stall in list(stalled.items()):
+            got = read_beacon(beacon_path(self.settings.state_dir, stall.pid))
+            if got is None or got[0].seq != stall.seq:
+                del stalled[rank]
+        return stalled
+
+    def _reroute(self, client: Any, request: Any, engine: Any) -> Any:
+        """The engine to use instead of a stalled one, or the error to answer with."""
+        stalled = self._current_stalls()
         rank = int.from_bytes(engine, "little")
         if rank not in stalled:
             return engine
@@ -219,8 +230,7 @@ class FrontGuard:
 
     def _refusal(self) -> Exception | None:
         """A 503 for a new request when no engine rank of this server can take it."""
-        with self._lock:
-            stalled = dict(self.stalled)
+        stalled = self._current_stalls()
         if not stalled:
             return None
         ranks = len(getattr(self.engine.engine_core, "core_engines", [0])) or 1
