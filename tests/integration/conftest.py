@@ -185,7 +185,7 @@ def service(tmp_path_factory) -> Service:
     if not HAVE_VLLM:
         pytest.skip("vLLM CPU stack not installed: run `nox -s tests`, which installs it")
     # The stall faults only fire when a test arms them (faults.arm).
-    env = base_env(WATCHDOG_KV_FAULT="stall_step:12,stall_notif:12")
+    env = base_env(WATCHDOG_KV_FAULT="stall_step:20,stall_notif:20")
     svc = start_service(tmp_path_factory.mktemp("pd-run"), env)
     yield svc
     stop_service(svc)  # if the shutdown test did not run (e.g. -k)

@@ -34,8 +34,8 @@ from .conftest import base_env, cli, http_json, requires_vllm, start_service, st
 pytestmark = [pytest.mark.vllm, requires_vllm]
 
 MODEL = "watchdog-kv-tiny"
-STEP_FLOOR_S = 5.0  # the default step and connector-call deadline before anything is learned
-STALL_S = 12  # how long the armed faults block (WATCHDOG_KV_FAULT in conftest's service)
+STEP_FLOOR_S = 10.0  # the default step and connector-call deadline before anything is learned
+STALL_S = 20  # how long the armed faults block (WATCHDOG_KV_FAULT in conftest's service)
 DETECTION_SLACK_S = 3.0  # monitor interval, beacon reads and a busy 2-core machine
 
 
@@ -127,7 +127,10 @@ def stock_health(svc, server: str) -> int:
 
 
 def report(name: str, seconds: float) -> None:
-    print(f"\n[measured] {name}: detected {seconds:.2f} s after the stall began")
+    print(
+        f"\n[measured] {name} (deadline {STEP_FLOOR_S:g} s): "
+        f"detected {seconds:.2f} s after the stall began"
+    )
 
 
 # --- the shared prefill/decode service ------------------------------------------------
@@ -152,7 +155,7 @@ def test_worker_step_holding_the_gil_is_detected_and_named(service):
     assert stalls and all(s["server"] == "decode-0" for s in stalls)
     latency = min(s["detected_after_s"] for s in stalls)
     assert STEP_FLOOR_S <= latency < STEP_FLOOR_S + DETECTION_SLACK_S
-    report("GIL held in a worker step (deadline 5 s)", latency)
+    report("GIL held in a worker step", latency)
 
     text = run_report(wait_incident(service, stalls[0]))
     assert f"culprit: pid {worker[0]} (VllmWorker-0), role worker, rank 0, server decode-0" in text
@@ -186,7 +189,7 @@ def test_heartbeat_stall_is_named_to_the_nixl_notification_send(service):
     stalls = new_stalls(service, before)
     connector = new_stalls(service, before, lambda s: s["phase"] == "connector")
     assert connector and connector[0]["what"] == "start_load_kv"
-    report("heartbeat send in start_load_kv (deadline 5 s)", connector[0]["detected_after_s"])
+    report("heartbeat send in start_load_kv", connector[0]["detected_after_s"])
 
     text = run_report(wait_incident(service, stalls[0]))
     assert "phase:   connector (start_load_kv)" in text
@@ -225,7 +228,7 @@ def test_stopped_decode_engine_is_detected_and_its_request_failed_fast(service):
         assert stalls, "the stopped engine core was not reported"
         latency = stalls[0]["detected_wall"] - stopped_at
         assert latency < STEP_FLOOR_S + DETECTION_SLACK_S
-        report("decode engine core stopped (deadline 5 s)", latency)
+        report("decode engine core stopped", latency)
         # new requests are refused at once while it is stalled, not sent into it
         code, body, elapsed = complete(service.url, prompt)
         assert code == 503 and elapsed < 2, body
@@ -283,7 +286,7 @@ def test_data_parallel_stalled_rank_is_named_and_the_other_keeps_serving(dp):
         assert stock_health(dp, "dp-0") == 200
         stalls = new_stalls(dp, 0)
         assert stalls and stalls[0]["rank"] == 1 and stalls[0]["pid"] == engines[1]
-        report("data-parallel rank stopped (deadline 5 s)", stalls[0]["detected_wall"] - stopped_at)
+        report("data-parallel rank stopped", stalls[0]["detected_wall"] - stopped_at)
         # while rank 1 stays stopped, every new request is served by rank 0
         for _ in range(4):
             code, body, _ = complete(dp.url, prompt)
