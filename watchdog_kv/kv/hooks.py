@@ -33,6 +33,7 @@ import wrapt
 from watchdog_kv import faults
 from watchdog_kv.config import Settings
 from watchdog_kv.guard import contained
+from watchdog_kv.patching import ClassPatches
 from watchdog_kv.telemetry import get_logger
 
 __all__ = ["FACTORY_MODULE", "SCHEDULER_MODULE", "install", "uninstall", "watches"]
@@ -46,7 +47,7 @@ _lock = threading.RLock()
 _settings: Settings | None = None
 _rank: int = 0
 _publish: Callable[[dict[str, Any]], None] | None = None
-_patches: list[tuple[Any, str, Any]] = []  # (owner, attribute, original)
+_patches = ClassPatches()
 _watches: list[Any] = []
 _armed_hooks = False
 
@@ -77,9 +78,7 @@ def uninstall() -> None:
         for watch in _watches:
             watch.unhook()
         _watches.clear()
-        for owner, name, original in reversed(_patches):
-            setattr(owner, name, original)
-        _patches.clear()
+        _patches.undo()
         _settings = None
 
 
@@ -93,9 +92,7 @@ def _replace(owner: Any, name: str, make: Callable[[Any], Any]) -> None:
     with _lock, contained("kv.install"):
         if _settings is None:
             return
-        original = vars(owner)[name]
-        setattr(owner, name, make(original))
-        _patches.append((owner, name, original))
+        _patches.replace(owner, name, make)
 
 
 def _patch_factory(module: Any) -> None:

@@ -13,7 +13,7 @@ only module that touches them (tested against vLLM 0.32's NIXL connector):
 * the **lease** side on a prefill: which kept requests a decode reported as
   read, which expired, and reads reported for requests no longer kept.
 
-Every wrapper here is an instance attribute (:mod:`watchdog_kv.kv.patching`),
+Every wrapper here is an instance attribute (:mod:`watchdog_kv.patching`),
 removed by :meth:`NixlAdapter.unhook`.
 """
 
@@ -24,8 +24,8 @@ from collections.abc import Callable
 from typing import Any
 
 from watchdog_kv.guard import contained
-from watchdog_kv.kv.patching import InstancePatches
 from watchdog_kv.kv.states import IllegalTransition, LeaseEvent, LeaseTable, RecentSet
+from watchdog_kv.patching import InstancePatches
 from watchdog_kv.telemetry import get_logger
 
 __all__ = ["NixlAdapter", "nixl_worker_of"]

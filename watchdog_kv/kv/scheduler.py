@@ -28,8 +28,8 @@ from watchdog_kv import process
 from watchdog_kv.config import Settings
 from watchdog_kv.guard import contained
 from watchdog_kv.kv.lease import LEASE_PARAM
-from watchdog_kv.kv.patching import InstancePatches
 from watchdog_kv.kv.worker import RECV_PLAN_ATTR, RecvPlan
+from watchdog_kv.patching import InstancePatches
 from watchdog_kv.telemetry import get_logger
 
 __all__ = ["SchedulerWatch", "bad_remote_params", "patch_scheduler_recovery"]

@@ -32,7 +32,6 @@ from watchdog_kv.guard import contained
 from watchdog_kv.kv.deadlines import DeadlineConfig, Deadlines, Phase
 from watchdog_kv.kv.lease import LeaseClient, LeaseServer
 from watchdog_kv.kv.nixl import NixlAdapter, nixl_worker_of
-from watchdog_kv.kv.patching import InstancePatches
 from watchdog_kv.kv.states import (
     IllegalTransition,
     LeaseTable,
@@ -42,6 +41,7 @@ from watchdog_kv.kv.states import (
     RecvTable,
     Verdict,
 )
+from watchdog_kv.patching import InstancePatches
 from watchdog_kv.telemetry import get_logger
 
 __all__ = ["RECV_PLAN_ATTR", "RecvPlan", "WorkerWatch"]

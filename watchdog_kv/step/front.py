@@ -36,7 +36,7 @@ from watchdog_kv import process as procrecords
 from watchdog_kv import threads
 from watchdog_kv.config import Settings
 from watchdog_kv.guard import contained
-from watchdog_kv.kv.patching import InstancePatches
+from watchdog_kv.patching import InstancePatches
 from watchdog_kv.step.beacon import Beacon, beacon_path, read_beacon, read_beacons
 from watchdog_kv.step.monitor import Stall, StallRules
 from watchdog_kv.telemetry import get_logger

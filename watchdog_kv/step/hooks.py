@@ -30,12 +30,11 @@ import wrapt
 
 from watchdog_kv.config import Settings
 from watchdog_kv.guard import contained
-from watchdog_kv.kv.patching import InstancePatches
+from watchdog_kv.patching import ClassPatches, InstancePatches
 from watchdog_kv.step.watch import StepWatch
 
 __all__ = [
     "CONNECTOR_CALLS",
-    "current",
     "install",
     "install_front",
     "uninstall",
@@ -55,15 +54,11 @@ CONNECTOR_CALLS = (
 
 _lock = threading.RLock()
 _watch: StepWatch | None = None
-_patches: list[tuple[Any, str, Any]] = []
+_patches = ClassPatches()
 _instance_patches = InstancePatches()
 _armed = False
 _front_settings: Settings | None = None
 _fronts: list[Any] = []
-
-
-def current() -> StepWatch | None:
-    return _watch
 
 
 def install(watch: StepWatch) -> list[str]:
@@ -113,12 +108,8 @@ def _patch_async_llm(module: Any) -> None:
         return __init__
 
     with _lock, contained("step.install"):
-        if _front_settings is None:
-            return
-        owner = module.AsyncLLM
-        original = vars(owner)["__init__"]
-        owner.__init__ = make(original)
-        _patches.append((owner, "__init__", original))
+        if _front_settings is not None:
+            _patches.replace(module.AsyncLLM, "__init__", make)
 
 
 def uninstall() -> None:
@@ -129,19 +120,14 @@ def uninstall() -> None:
         _fronts.clear()
         _front_settings = None
         _instance_patches.undo()
-        for owner, name, original in reversed(_patches):
-            setattr(owner, name, original)
-        _patches.clear()
+        _patches.undo()
         _watch = None
 
 
 def _replace(owner: Any, name: str, make: Callable[[Any], Any]) -> None:
     with _lock, contained("step.install"):
-        if _watch is None or name not in vars(owner):
-            return
-        original = vars(owner)[name]
-        setattr(owner, name, make(original))
-        _patches.append((owner, name, original))
+        if _watch is not None and name in vars(owner):
+            _patches.replace(owner, name, make)
 
 
 def _startup_ends(original: Any) -> Any:
