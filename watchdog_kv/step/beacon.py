@@ -46,6 +46,7 @@ __all__ = [
     "BeaconView",
     "Phase",
     "beacon_path",
+    "depth",
     "read_beacon",
     "read_beacons",
 ]
@@ -72,6 +73,16 @@ class Phase(IntEnum):
     STARTUP = 1
     STEP = 2
     CONNECTOR = 3
+
+
+_ROLE_DEPTH = {"engine_core": 1, "worker": 2}  # a worker is further in: its engine waits on it
+
+
+def depth(phase: str, role: str | None) -> tuple[int, int]:
+    """How far in a process is: by phase (a connector call inside a step inside...),
+    then by role. The furthest-in stalled process is the one the others wait on."""
+    member = Phase.__members__.get(phase.upper())
+    return (member.value if member is not None else 0, _ROLE_DEPTH.get(role or "", 0))
 
 
 def beacon_path(state_dir: Path, pid: int) -> Path:
@@ -181,10 +192,6 @@ class Beacon:
             self._mm[offset + _SLOT.size : offset + _SLOT.size + len(data)] = data
             _SLOT.pack_into(self._mm, offset, seq, time.time(), len(data))
             _RING_HEAD.pack_into(self._mm, _RING_HEAD_OFFSET, self._ring_next)
-
-    def close(self) -> None:
-        with self._lock:
-            self._mm.close()
 
     # -- internals ------------------------------------------------------------------
     def _write_header(self, now: float | None = None) -> None:

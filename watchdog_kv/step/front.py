@@ -37,8 +37,8 @@ from watchdog_kv import threads
 from watchdog_kv.config import Settings
 from watchdog_kv.guard import contained
 from watchdog_kv.patching import InstancePatches
-from watchdog_kv.step.beacon import Beacon, beacon_path, read_beacon, read_beacons
-from watchdog_kv.step.monitor import Stall, StallRules
+from watchdog_kv.step.beacon import Beacon, beacon_path, depth, read_beacon
+from watchdog_kv.step.monitor import Stall, StallRules, engine_of
 from watchdog_kv.telemetry import get_logger
 
 __all__ = ["FrontGuard", "engine_rank"]
@@ -100,15 +100,18 @@ class FrontGuard:
         now = time.monotonic() if now is None else now
         records = [r for r in procrecords.read_records(self.settings.state_dir) if r.get("alive")]
         mine = _descendants(records, self.pid)
-        pids = {int(r["pid"]) for r in mine}
-        found = read_beacons(self.settings.state_dir)
-        beacons = {p: got[0] for p, got in found.items() if p in pids}
+        by_pid = {int(r["pid"]): r for r in mine}
+        beacons = {}  # of this API server's own processes only
+        for pid in by_pid:
+            got = read_beacon(beacon_path(self.settings.state_dir, pid))
+            if got is not None:
+                beacons[pid] = got[0]
         counts = Counter(self._requests_by_rank().values())
         # Requests we failed on a stalled rank stay its outstanding work until that
         # engine moves again: vLLM forgets them at once, but the engine has not.
         for rank, (count, failed_at) in list(self._unacked.items()):
-            engine = _engine_pid(mine, rank)
-            view = beacons.get(engine) if engine is not None else None
+            engine = engine_of(by_pid, self.pid, self.settings.server, rank)
+            view = beacons.get(int(engine["pid"])) if engine is not None else None
             if view is None or view.updated > failed_at:
                 del self._unacked[rank]
             else:
@@ -124,7 +127,8 @@ class FrontGuard:
         by_rank: dict[int, Stall] = {}
         # the furthest-in process first: a worker stuck in a connector call, not the
         # engine core waiting on it, is what the client's error should name
-        for stall in sorted(self._rules.find(mine, beacons, now), key=_depth, reverse=True):
+        stalls = self._rules.find(mine, beacons, now)
+        for stall in sorted(stalls, key=lambda s: depth(s.phase, s.role), reverse=True):
             by_rank.setdefault(engine_rank(stall, mine), stall)
         with self._lock:
             new = {r: s for r, s in by_rank.items() if r not in self.stalled}
@@ -238,25 +242,6 @@ class FrontGuard:
             return None
         detail = "; ".join(s.describe() for s in stalled.values())
         return _stalled_error(f"watchdog_kv: every engine rank is stalled: {detail}")
-
-    def status(self) -> dict[str, Any]:
-        with self._lock:
-            return {"stalled_ranks": {r: s.describe() for r, s in self.stalled.items()}}
-
-
-_PHASE_DEPTH = {"idle": 0, "startup": 1, "step": 2, "connector": 3}
-_ROLE_DEPTH = {"engine_core": 1, "worker": 2}
-
-
-def _depth(stall: Stall) -> tuple[int, int]:
-    return (_PHASE_DEPTH.get(stall.phase, 0), _ROLE_DEPTH.get(stall.role, 0))
-
-
-def _engine_pid(records: list[dict[str, Any]], rank: int) -> int | None:
-    for rec in records:
-        if rec.get("role") == "engine_core" and int(rec.get("rank") or 0) == rank:
-            return int(rec["pid"])
-    return None
 
 
 def _descendants(records: list[dict[str, Any]], root: int) -> list[dict[str, Any]]:

@@ -34,7 +34,7 @@ from watchdog_kv.step.beacon import BeaconView, Phase, read_beacons
 from watchdog_kv.step.evidence import collect_incident
 from watchdog_kv.telemetry import get_logger
 
-__all__ = ["Monitor", "Stall", "StallRules", "find_stalls"]
+__all__ = ["Monitor", "Stall", "StallRules", "engine_of", "find_stalls"]
 
 _log = get_logger("watchdog_kv.step")
 
@@ -136,7 +136,7 @@ def find_stalls(
         if front is None or not view.outstanding or now - view.updated > front_stale_s:
             continue
         for rank, (count, since) in view.outstanding.items():
-            engine = _engine_of(alive, pid, front.get("server"), rank)
+            engine = engine_of(alive, pid, front.get("server"), rank)
             ev = beacons.get(int(engine["pid"])) if engine else None
             if engine is None or ev is None or ev.phase is not Phase.IDLE:
                 continue
@@ -195,7 +195,7 @@ class StallRules:
         return find_stalls(records, beacons, now, front_stale_s=self.front_stale_s, starved=starved)
 
 
-def _engine_of(
+def engine_of(
     alive: Mapping[int, dict[str, Any]], front_pid: int, server: str | None, rank: int
 ) -> dict[str, Any] | None:
     """The engine core of DP ``rank`` under the front end ``front_pid``.

@@ -26,10 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from watchdog_kv.step.beacon import depth
+
 __all__ = ["Culprit", "Incident", "build_report", "find_culprit", "load_incidents", "render"]
 
-_PHASE_DEPTH = {"idle": 0, "startup": 1, "step": 2, "connector": 3}
-_ROLE_DEPTH = {"api_server": 0, "frontend": 0, "other": 0, "engine_core": 1, "worker": 2}
 _OWN_CODE = "/watchdog_kv/"
 _STATES = {
     "R": "running",
@@ -99,12 +99,7 @@ def _phase(entry: dict[str, Any]) -> str:
 def _rank_key(pid: int, entry: dict[str, Any], flagged: int) -> tuple[int, int, int, int]:
     stopped = entry.get("stacks", {}).get("state") in ("T", "t")
     role = entry["record"].get("role", "other")
-    return (
-        int(stopped),
-        _PHASE_DEPTH.get(_phase(entry), 0),
-        _ROLE_DEPTH.get(role, 0),
-        int(pid == flagged),
-    )
+    return (int(stopped), *depth(_phase(entry), role), int(pid == flagged))
 
 
 def _is_python(frame: dict[str, Any]) -> bool:

@@ -188,6 +188,3 @@ class StepWatch:
         with contextlib.suppress(Exception):
             self.beacon.reset()  # the beacon shows idle
         _log.error("step.watch_disabled", pid=os.getpid())
-
-    def status(self) -> dict[str, Any]:
-        return {"deadlines": self.deadlines.snapshot(), "beacon": str(self.beacon.path)}
