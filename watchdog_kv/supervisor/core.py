@@ -131,12 +131,7 @@ class Supervisor:
             (("prefill", opts.prefill_port), ("decode", opts.decode_port))
         ):
             name = f"{role}-0"
-            if fixed is not None:
-                ports.check_free(opts.host, fixed, f"{name} HTTP")
-                taken.add(fixed)
-                port = fixed
-            else:
-                port = ports.free_port(opts.host, taken)
+            port = self._http_port(fixed, name, taken)
             side = ports.free_port(opts.host, taken)
             specs.append(
                 ServerSpec(
@@ -155,14 +150,20 @@ class Supervisor:
             )
         return specs
 
+    def _http_port(self, fixed: int | None, name: str, taken: set[int]) -> int:
+        """The operator's port for server ``name`` (checked free), else a free one."""
+        host = self.options.host
+        if fixed is None:
+            return ports.free_port(host, taken)
+        ports.check_free(host, fixed, f"{name} HTTP")
+        taken.add(fixed)
+        return fixed
+
     def _plan_data_parallel(self, taken: set[int], cores: list[int]) -> ServerSpec:
         """One vLLM server with --data-parallel-size N behind one API server."""
         opts = self.options
         size = opts.data_parallel_size
-        if opts.decode_port is not None:
-            ports.check_free(opts.host, opts.decode_port, "dp-0 HTTP")
-            taken.add(opts.decode_port)
-        port = opts.decode_port or ports.free_port(opts.host, taken)
+        port = self._http_port(opts.decode_port, "dp-0", taken)
         return ServerSpec(
             name="dp-0",
             role="plain",
