@@ -27,6 +27,11 @@ reaching the point consumes it.
                           of a decode's KV load, where a 30 s stall was seen
 ========================  ======================================================
 
+A server that keeps crashing is rehearsed with ``crash_start``: while
+:func:`arm` ``(..., "crash_start")`` holds for a server (until :func:`disarm`),
+every API server of it exits with code 3 as soon as watchdog_kv loads, before
+vLLM serves anything -- a crash loop the supervisor's restart limit must end.
+
 Probabilities draw from a generator seeded by ``WATCHDOG_KV_FAULT_SEED``, so a
 rehearsal repeats exactly for the same request order.
 """
@@ -45,7 +50,9 @@ __all__ = [
     "FAULT_KINDS",
     "FaultPlan",
     "arm",
+    "disarm",
     "hold_gil",
+    "maybe_crash",
     "maybe_stall",
     "parse_faults",
     "take_armed",
@@ -59,7 +66,9 @@ FAULT_KINDS = {
     "stall_handshake": ("seconds", "stall_handshake_s"),
     "stall_step": ("seconds", "stall_step_s"),
     "stall_notif": ("seconds", "stall_notif_s"),
+    "crash_start": ("flag", "crash_start"),
 }
+CRASH_EXIT_CODE = 3
 
 
 @dataclass(frozen=True)
@@ -70,6 +79,7 @@ class FaultPlan:
     stall_handshake_s: float = 0.0
     stall_step_s: float = 0.0
     stall_notif_s: float = 0.0
+    crash_start: float = 0.0
 
     @property
     def active(self) -> bool:
@@ -77,8 +87,8 @@ class FaultPlan:
 
     def describe(self) -> str:
         parts = [
-            f"{kind}:{getattr(self, attr):g}"
-            for kind, (_, attr) in FAULT_KINDS.items()
+            kind if unit == "flag" else f"{kind}:{getattr(self, attr):g}"
+            for kind, (unit, attr) in FAULT_KINDS.items()
             if getattr(self, attr)
         ]
         return ",".join(parts) or "none"
@@ -87,7 +97,7 @@ class FaultPlan:
 def parse_faults(raw: str) -> FaultPlan:
     """Parse the ``WATCHDOG_KV_FAULT`` syntax; ValueError says what is accepted."""
     accepted = "a comma-separated list of " + ", ".join(
-        f"{k}:<{unit}>" for k, (unit, _) in FAULT_KINDS.items()
+        k if unit == "flag" else f"{k}:<{unit}>" for k, (unit, _) in FAULT_KINDS.items()
     )
     values: dict[str, float] = {}
     for item in filter(None, (part.strip() for part in raw.split(","))):
@@ -98,6 +108,11 @@ def parse_faults(raw: str) -> FaultPlan:
         unit, attr = FAULT_KINDS[kind]
         if attr in values:
             raise ValueError(f"fault {kind!r} given twice")
+        if unit == "flag":
+            if text not in ("", "1"):
+                raise ValueError(f"{item!r}: {kind} takes no value")
+            values[attr] = 1.0
+            continue
         try:
             value = float(text) if text else (1.0 if unit == "probability" else -1.0)
         except ValueError:
@@ -128,14 +143,33 @@ def _arm_path(state_dir: Path, server: str | None, kind: str) -> Path:
     return state_dir / "faults" / (server or "any") / kind
 
 
+_ARMABLE = ("stall_step", "stall_notif", "crash_start")
+
+
 def arm(state_dir: Path, server: str | None, kind: str) -> Path:
-    """Arm a one-shot stall fault for ``server`` (the next process reaching it fires)."""
-    if kind not in ("stall_step", "stall_notif"):
-        raise ValueError(f"{kind!r} is not an armable fault (stall_step, stall_notif)")
+    """Arm fault ``kind`` for ``server``: a stall fires once, a crash until disarmed."""
+    if kind not in _ARMABLE:
+        raise ValueError(f"{kind!r} is not an armable fault ({', '.join(_ARMABLE)})")
     path = _arm_path(state_dir, server, kind)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.touch()
     return path
+
+
+def disarm(state_dir: Path, server: str | None, kind: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(_arm_path(state_dir, server, kind))
+
+
+def maybe_crash(plan: FaultPlan, state_dir: Path, server: str | None) -> None:
+    """Exit this process at once if ``crash_start`` is configured and armed."""
+    if plan.crash_start and _arm_path(state_dir, server, "crash_start").exists():
+        from watchdog_kv.telemetry import get_logger
+
+        get_logger("watchdog_kv.faults").warning(
+            "fault.crash_injected", kind="crash_start", exit_code=CRASH_EXIT_CODE
+        )
+        os._exit(CRASH_EXIT_CODE)
 
 
 def take_armed(state_dir: Path, server: str | None, kind: str) -> bool:

@@ -30,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from watchdog_kv import config, process
+from watchdog_kv import config, faults, process
 from watchdog_kv.guard import contained
 from watchdog_kv.kv import hooks as kv_hooks
 from watchdog_kv.step import hooks as step_hooks
@@ -103,6 +103,8 @@ def register() -> Registration:
             if not settings.enabled:
                 _log.info("watchdog_kv.disabled", reason="WATCHDOG_KV_ENABLED=0")
                 return reg
+            if reg.identity.role == "api_server":
+                faults.maybe_crash(settings.fault, settings.state_dir, settings.server)
             reg.hooks = kv_hooks.install(settings, reg.identity.rank, _publisher(reg))
             reg.hooks += _install_step_watch(settings, reg.identity.role)
             record = process.StatusRecord(
