@@ -73,13 +73,14 @@ def _parser() -> argparse.ArgumentParser:
             "--prefill-port",
             type=int,
             default=None,
-            help="prefill server HTTP port (default: a free port)",
+            help="HTTP port of prefill-0 (default: a free port; the others always get one)",
         )
         p.add_argument(
             "--decode-port",
             type=int,
             default=None,
-            help="decode server HTTP port (default: a free port)",
+            help="HTTP port of decode-0, or of the data-parallel server (default: a free "
+            "port; the others always get one)",
         )
         p.add_argument(
             "--startup-timeout",
@@ -101,6 +102,41 @@ def _parser() -> argparse.ArgumentParser:
             metavar="SECONDS",
             help="how long a prefill keeps KV blocks for a decode that has not read them "
             "(NIXL kv_lease_duration; default: vLLM's, 30 s)",
+        )
+        p.add_argument(
+            "--prefill",
+            type=int,
+            default=1,
+            metavar="N",
+            help="number of prefill servers (default 1; 0: the decodes compute every prompt)",
+        )
+        p.add_argument(
+            "--decode",
+            type=int,
+            default=1,
+            metavar="N",
+            help="number of decode servers (default 1)",
+        )
+        p.add_argument(
+            "--backend",
+            choices=("local", "ray"),
+            default="local",
+            help="where vLLM servers run: local child processes (default), or Ray actors "
+            "on an existing cluster, one placement group per server",
+        )
+        p.add_argument(
+            "--ray-address",
+            default=None,
+            metavar="HOST:PORT",
+            help="Ray cluster to join with --backend ray (default: RAY_ADDRESS, else the "
+            "local cluster)",
+        )
+        p.add_argument(
+            "--placement-timeout",
+            type=_seconds,
+            default=60.0,
+            metavar="SECONDS",
+            help="with --backend ray: longest wait for a server's placement group (default 60)",
         )
         p.add_argument(
             "--data-parallel-size",
@@ -211,13 +247,15 @@ def _service(args: argparse.Namespace, settings: config.Settings, demo: bool) ->
         kv_lease_s=args.kv_lease,
         run_dir=args.run_dir,
         data_parallel_size=args.data_parallel_size,
+        prefills=args.prefill,
+        decodes=args.decode,
+        backend=args.backend,
+        ray_address=args.ray_address,
+        placement_timeout_s=args.placement_timeout,
     )
-    if args.data_parallel_size < 1 or (demo and args.data_parallel_size > 1):
-        print(
-            f"watchdog-kv: --data-parallel-size {args.data_parallel_size}: expected a whole "
-            "number, 1 or more (the demo runs prefill/decode only: 1)",
-            file=sys.stderr,
-        )
+    problem = _topology_problem(args, demo)
+    if problem:
+        print(f"watchdog-kv: {problem}", file=sys.stderr)
         return EXIT_USAGE
     on_ready = None
     if demo:
@@ -229,6 +267,26 @@ def _service(args: argparse.Namespace, settings: config.Settings, demo: bool) ->
     except PortInUseError as exc:
         print(f"watchdog-kv: {exc}", file=sys.stderr)
         return 1
+
+
+def _topology_problem(args: argparse.Namespace, demo: bool) -> str | None:
+    if args.data_parallel_size < 1 or (demo and args.data_parallel_size > 1):
+        return (
+            f"--data-parallel-size {args.data_parallel_size}: expected a whole number, 1 or "
+            "more (the demo runs prefill/decode only: 1)"
+        )
+    if args.decode < 1:
+        return f"--decode {args.decode}: expected a whole number, 1 or more"
+    if args.prefill < 0:
+        return f"--prefill {args.prefill}: expected a whole number, 0 or more"
+    if args.data_parallel_size > 1 and (args.prefill, args.decode) != (1, 1):
+        return (
+            "--data-parallel-size is a plain deployment (one server, N engine ranks); it "
+            "does not combine with --prefill/--decode"
+        )
+    if demo and (args.prefill < 1 or args.backend != "local"):
+        return "the demo runs one local prefill and decode hand-off: --prefill 1 or more, no Ray"
+    return None
 
 
 def _doctor(args: argparse.Namespace) -> int:

@@ -232,6 +232,29 @@ VARIABLES: tuple[Variable, ...] = (
         "between streamed chunks) before the request is ended with a clear error.",
     ),
     Variable(
+        name="WATCHDOG_KV_REQUEST_BUDGET",
+        attr="request_budget_s",
+        parse=positive_seconds,
+        default=lambda: 300.0,
+        default_doc="300",
+        accepted="a number of seconds greater than 0",
+        unit="s",
+        doc="Router: how long one request may spend on the recovery ladder (another "
+        "prefill, computing on the decode, another decode, waiting for a restarted one, "
+        "continuing a stream). Once spent, the client gets the last error.",
+    ),
+    Variable(
+        name="WATCHDOG_KV_DRAIN_TIMEOUT",
+        attr="drain_timeout_s",
+        parse=positive_seconds,
+        default=lambda: 30.0,
+        default_doc="30",
+        accepted="a number of seconds greater than 0",
+        unit="s",
+        doc="Supervisor, on SIGTERM or SIGINT: new requests get 503 at once and those in "
+        "flight have this long to finish before the servers are stopped.",
+    ),
+    Variable(
         name="WATCHDOG_KV_KV_RECOVERY",
         attr="kv_recovery",
         parse=_choice("recompute", "fail"),
@@ -392,8 +415,9 @@ VARIABLES: tuple[Variable, ...] = (
         default=lambda: 3,
         default_doc="3",
         accepted="a whole number, 0 or more",
-        doc="Supervisor: restarts of one server (for a stall under the restart action) "
-        "before it gives up and reports the server failed.",
+        doc="Supervisor: restarts in a row of one server (it exited, or stalled under "
+        "the restart action) before it gives up and reports the server failed. A server "
+        "ready for 10 minutes starts a new row.",
     ),
     Variable(
         name="WATCHDOG_KV_RESTART_BACKOFF",
@@ -403,8 +427,8 @@ VARIABLES: tuple[Variable, ...] = (
         default_doc="2",
         accepted="a number of seconds greater than 0",
         unit="s",
-        doc="Supervisor: wait before the first restart of a server; it doubles with "
-        "each further restart, up to 60 s.",
+        doc="Supervisor: wait between failed restart attempts of a server; it doubles "
+        "with each further restart in a row, up to 60 s.",
     ),
     Variable(
         name="WATCHDOG_KV_MONITOR_INTERVAL",
@@ -433,7 +457,7 @@ VARIABLES: tuple[Variable, ...] = (
         default=FaultPlan,
         default_doc="unset (no fault)",
         accepted="comma-separated delay:<s>, drop:<p>, corrupt:<p>, stall_handshake:<s>, "
-        "stall_step:<s>, stall_notif:<s>",
+        "stall_step:<s>, stall_notif:<s>, crash_start",
         doc="Fault injection for rehearsals (docs/kv-transfer.md, docs/step-watchdog.md). "
         "Never set it in production.",
     ),
@@ -463,6 +487,8 @@ class Settings:
     server: str | None
     prefill_timeout_s: float
     decode_idle_timeout_s: float
+    request_budget_s: float = 300.0
+    drain_timeout_s: float = 30.0
     kv_recovery: str = "recompute"
     kv_deadline_floor_s: float = 5.0
     kv_deadline_cap_s: float = 120.0

@@ -200,7 +200,7 @@ async def run_demo(
     console: Console | None = None,
 ) -> int:
     console = console or Console(width=100)
-    decode_url = supervisor.backend("decode").url
+    decode_url = supervisor.available("decode")[0].url
     model = supervisor.options.served_model_name
     rows: list[DemoRow] = []
     async with aiohttp.ClientSession() as http:

@@ -1,26 +1,33 @@
-"""The supervisor: starts stock vLLM prefill and decode servers, watches, stops them.
+"""The supervisor: starts stock vLLM servers, watches them, restarts them, stops them.
+
+Topologies: N prefill and M decode servers (``prefill-0``.., ``decode-0``..),
+or one plain data-parallel server (``dp-0``). Each server runs where its
+launcher puts it (:mod:`watchdog_kv.supervisor.launch`): a local process tree,
+or a Ray actor in its own placement group.
 
 Start-up is bounded: each server must answer ``GET /health`` with 200 within
 ``startup_timeout_s``. A server whose process exits first, or that is not
 healthy in time, is a :class:`StartupError` naming it with its last log lines,
 and every process already started is stopped before the error is raised.
 
-Once running, :meth:`Supervisor.wait_for_exit` returns the first decode server
-that exits on its own (a prefill that exits only degrades the service).
-
-The step watchdog's monitor (:mod:`watchdog_kv.step.monitor`) runs here, in the
-supervisor, outside every vLLM process. Its verdicts make health honest
-(:meth:`Supervisor.health`: live, ready and progressing per server) and, under
-``WATCHDOG_KV_STALL_ACTION=restart``, a stalled server is restarted once its
-incident is written: killed, started again and gated on readiness, with
-exponential backoff between failed attempts (tenacity) and at most
-``WATCHDOG_KV_RESTART_LIMIT`` restarts per server.
+Once running, :meth:`Supervisor.watch` restarts a server whose process exits;
+the step watchdog's monitor (:mod:`watchdog_kv.step.monitor`, run here, outside
+every vLLM process) makes health honest (:meth:`Supervisor.health`: live, ready
+and progressing per server) and, under ``WATCHDOG_KV_STALL_ACTION=restart``, a
+stalled server is restarted once its incident is written. A restart kills what
+is left of the server, starts it again and is done only when it is ready; a
+failed attempt is retried after a capped exponential backoff (tenacity). After
+``WATCHDOG_KV_RESTART_LIMIT`` restarts in a row (a server ready for
+:data:`STABLE_S` starts a new row) the server is marked failed with a report.
+The service ends only when no server able to answer (decode or plain) is left.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,12 +47,13 @@ from watchdog_kv.config import Settings
 from watchdog_kv.router.handoff import Backend
 from watchdog_kv.step.monitor import Monitor, Stall
 from watchdog_kv.supervisor import ports
-from watchdog_kv.supervisor.process import ManagedProcess
+from watchdog_kv.supervisor.launch import LocalServer, ServerProcess
 from watchdog_kv.supervisor.progress import StartupProgress
 from watchdog_kv.supervisor.servers import ServerSpec
 from watchdog_kv.telemetry import get_logger
 
 __all__ = [
+    "STABLE_S",
     "ServeOptions",
     "ServerExitedError",
     "ServerStartTimeout",
@@ -54,6 +62,10 @@ __all__ = [
 ]
 
 _log = get_logger("watchdog_kv.supervisor")
+
+STABLE_S = 600.0  # ready this long: the next failure starts a new row of restarts
+SERVING_ROLES = ("decode", "plain")  # the roles that answer clients
+_COMING_BACK = ("waiting", "starting", "exited", "restarting")
 
 
 class StartupError(RuntimeError):
@@ -94,17 +106,26 @@ class ServeOptions:
     kv_lease_s: float | None = None
     run_dir: Path | None = None
     data_parallel_size: int = 1  # > 1: one plain data-parallel server, no hand-off
+    prefills: int = 1  # prefill servers (0: decodes compute every prompt themselves)
+    decodes: int = 1
+    backend: str = "local"  # "local" child processes, or "ray" actors on a cluster
+    ray_address: str | None = None
+    placement_timeout_s: float = 60.0
 
 
 @dataclass
 class _Server:
     spec: ServerSpec
-    proc: ManagedProcess
-    state: str = "waiting"
+    proc: ServerProcess
+    state: str = "waiting"  # starting, ready, exited, restarting, failed, stopped
     started_at: float = 0.0
     ready_after_s: float | None = None
+    ready_since: float | None = None
     exit_code: int | None = None
     restarts: list[dict[str, Any]] = field(default_factory=list)
+    streak: int = 0  # restarts since the server was last stable
+    starts: int = 0
+    failure: dict[str, Any] | None = None
 
 
 class Supervisor:
@@ -114,23 +135,27 @@ class Supervisor:
         self.run_dir = options.run_dir or _new_run_dir(settings.state_dir)
         self.servers: dict[str, _Server] = {}
         self._stopping = False
+        self.draining = False
         self.monitor: Monitor | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._restarting: set[str] = set()
+        self._changed = asyncio.Event()
+        self._up = False  # start-up done: every server was ready once
 
     # -- planning -----------------------------------------------------------------
     def plan(self) -> list[ServerSpec]:
         """Check ports and build the server specs; raises before anything starts."""
         opts = self.options
         taken = {opts.port}
-        specs: list[ServerSpec] = []
         cores = sorted(os.sched_getaffinity(0))
         if opts.data_parallel_size > 1:
             return [self._plan_data_parallel(taken, cores)]
-        for index, (role, fixed) in enumerate(
-            (("prefill", opts.prefill_port), ("decode", opts.decode_port))
-        ):
-            name = f"{role}-0"
+        wanted = [
+            ("prefill", i, opts.prefill_port if i == 0 else None) for i in range(opts.prefills)
+        ] + [("decode", i, opts.decode_port if i == 0 else None) for i in range(opts.decodes)]
+        specs: list[ServerSpec] = []
+        for index, (role, i, fixed) in enumerate(wanted):
+            name = f"{role}-{i}"
             port = self._http_port(fixed, name, taken)
             side = ports.free_port(opts.host, taken)
             specs.append(
@@ -185,60 +210,79 @@ class Supervisor:
             kv_lease_s=None,
         )
 
+    def _launcher(self, spec: ServerSpec) -> ServerProcess:
+        if self.options.backend == "ray":
+            from watchdog_kv.supervisor.ray_backend import RayServer
+
+            return RayServer(
+                spec,
+                self.run_dir,
+                address=self.options.ray_address,
+                placement_timeout_s=self.options.placement_timeout_s,
+            )
+        return LocalServer(spec, self.run_dir)
+
     # -- lifecycle ------------------------------------------------------------------
     async def start(self, specs: list[ServerSpec], *, live: bool | None = None) -> None:
         """Start every server and wait until all are healthy (or raise StartupError)."""
         (self.run_dir / "logs").mkdir(parents=True, exist_ok=True)
         for spec in specs:
-            proc = ManagedProcess(
-                spec.name,
-                spec.argv(),
-                spec.env(os.environ, self.run_dir),
-                self.run_dir / "logs" / f"{spec.name}.log",
-            )
-            self.servers[spec.name] = _Server(spec, proc)
+            self.servers[spec.name] = _Server(spec, self._launcher(spec))
         _log.info(
             "supervisor.starting",
             run_dir=str(self.run_dir),
+            backend=self.options.backend,
             servers={s.name: s.url for s in specs},
             model=str(self.options.model),
         )
         self._start_monitor()
         with StartupProgress(list(self.servers), live=live) as progress:
             for srv in self.servers.values():
-                srv.proc.start()
-                srv.started_at = time.monotonic()
-                srv.state = "starting"
                 progress.update(srv.spec.name, "starting")
-                _log.info(
-                    "server.spawned",
-                    server=srv.spec.name,
-                    pid=srv.proc.pid,
-                    url=srv.spec.url,
-                    log=str(srv.proc.log_path),
-                )
+                await self._spawn(srv)
             async with aiohttp.ClientSession() as http:
                 await asyncio.gather(
                     *(self._wait_ready(http, s, progress) for s in self.servers.values())
                 )
+        self._up = True
+
+    async def _spawn(self, srv: _Server, **fields: Any) -> None:
+        srv.state = "starting"
+        srv.exit_code = None
+        srv.starts += 1
+        srv.started_at = time.monotonic()
+        await asyncio.to_thread(srv.proc.start)  # a Ray placement may take a while
+        srv.started_at = time.monotonic()
+        self._changed.set()
+        _log.info(
+            "server.spawned",
+            server=srv.spec.name,
+            pid=srv.proc.pid,
+            url=srv.proc.url,
+            log=str(srv.proc.log_path),
+            **srv.proc.where(),
+            **fields,
+        )
 
     async def _wait_ready(
         self, http: aiohttp.ClientSession, srv: _Server, progress: StartupProgress
     ) -> None:
         deadline = srv.started_at + self.options.startup_timeout_s
-        url = f"{srv.spec.url}/health"
+        url = f"{srv.proc.url}/health"
         while True:
             code = srv.proc.poll()
             tail = srv.proc.tail(1)
-            if code is not None:
-                srv.state, srv.exit_code = "failed", code
+            if code is not None:  # "failed" is the verdict of start() or restart()
+                srv.state, srv.exit_code = "exited", code
                 progress.update(srv.spec.name, "failed", tail[-1] if tail else "")
                 raise ServerExitedError(srv.spec.name, code, srv.proc.tail(25), srv.proc.log_path)
             try:
                 async with http.get(url, timeout=aiohttp.ClientTimeout(total=2)) as resp:
                     if resp.status == 200:
                         srv.state = "ready"
-                        srv.ready_after_s = time.monotonic() - srv.started_at
+                        srv.ready_since = time.monotonic()
+                        srv.ready_after_s = srv.ready_since - srv.started_at
+                        self._changed.set()
                         progress.update(srv.spec.name, "ready", tail[-1] if tail else "")
                         _log.info(
                             "server.ready",
@@ -249,7 +293,6 @@ class Supervisor:
             except (TimeoutError, aiohttp.ClientError):
                 pass
             if time.monotonic() >= deadline:
-                srv.state = "failed"
                 progress.update(srv.spec.name, "failed", tail[-1] if tail else "")
                 raise ServerStartTimeout(
                     srv.spec.name,
@@ -273,16 +316,19 @@ class Supervisor:
 
     def _stall_seen(self, stall: Stall) -> None:  # monitor thread
         if self._loop is not None and self.settings.stall_action == "restart":
-            self._loop.call_soon_threadsafe(self._schedule_restart, stall)
+            self._loop.call_soon_threadsafe(self._schedule_restart_after_stall, stall)
 
-    def _schedule_restart(self, stall: Stall) -> None:
-        name = stall.server
-        if name is None or name not in self.servers or self._stopping:
-            return
-        if name in self._restarting:
+    def _schedule_restart_after_stall(self, stall: Stall) -> None:
+        if stall.server is not None:
+            self._schedule(str(stall.server), self._restart_after(stall))
+
+    def _schedule(self, name: str, work: Any) -> None:
+        """Run one restart of ``name`` at a time; a second cause while it runs is dropped."""
+        if name not in self.servers or self._stopping or self.draining or name in self._restarting:
+            work.close()
             return
         self._restarting.add(name)
-        task = asyncio.ensure_future(self._restart_after(stall))
+        task = asyncio.ensure_future(work)
         task.add_done_callback(lambda _: self._restarting.discard(name))
 
     async def _restart_after(self, stall: Stall) -> None:
@@ -300,104 +346,121 @@ class Supervisor:
         await self.restart(str(stall.server), f"stall: {stall.describe()}")
 
     async def restart(self, name: str, cause: str) -> bool:
-        """Kill server ``name`` and start it again until ready; False once it gives up."""
-        srv = self.servers[name]
-        if len(srv.restarts) >= self.settings.restart_limit:
-            srv.state = "failed"
-            _log.error(
-                "server.restart_limit_reached",
-                server=name,
-                restarts=len(srv.restarts),
-                limit=self.settings.restart_limit,
-                cause=cause,
-                causes=[r["cause"] for r in srv.restarts],
-            )
-            return False
-        srv.restarts.append({"cause": cause, "at": time.time()})
-        _log.warning("server.restarting", server=name, cause=cause, restart=len(srv.restarts))
+        """Kill server ``name`` and start it again until ready; False once it gives up.
 
-        def waiting(state: RetryCallState) -> None:
+        Every attempt counts against ``WATCHDOG_KV_RESTART_LIMIT``; the count starts
+        again once the server has been ready for :data:`STABLE_S`. Attempts are
+        spaced by a capped exponential backoff that keeps growing across a row of
+        restarts (a server crashing right after each restart waits longer each time).
+        """
+        srv = self.servers[name]
+        limit = self.settings.restart_limit
+        if srv.ready_since is not None and time.monotonic() - srv.ready_since >= STABLE_S:
+            srv.streak = 0
+        if srv.streak >= limit:
+            self._give_up(srv, cause)
+            return False
+        causes = [cause]
+
+        def failed_attempt(state: RetryCallState) -> None:
+            error = state.outcome.exception() if state.outcome else None
+            first_line = str(error).splitlines()[0] if error else "unknown"
+            causes.append(f"restart attempt failed: {first_line}")
             _log.warning(
                 "server.restart_attempt_failed",
                 server=name,
-                attempt=state.attempt_number,
-                error=str(state.outcome.exception()) if state.outcome else None,
+                attempt=srv.streak,
+                error=first_line,
                 next_in_s=round(state.upcoming_sleep, 1),
             )
 
         retrying = AsyncRetrying(
-            stop=stop_after_attempt(max(1, self.settings.restart_limit)),
-            wait=wait_exponential(multiplier=self.settings.restart_backoff_s, max=60),
+            stop=stop_after_attempt(limit - srv.streak),
+            wait=wait_exponential(
+                multiplier=self.settings.restart_backoff_s * 2**srv.streak, max=60
+            ),
             retry=retry_if_exception_type(StartupError),
-            before_sleep=waiting,
+            before_sleep=failed_attempt,
             reraise=True,
         )
+        if srv.streak:  # restarted before and failed again soon after: back off first
+            await asyncio.sleep(min(60.0, self.settings.restart_backoff_s * 2 ** (srv.streak - 1)))
         try:
             async for attempt in retrying:
                 with attempt:
+                    srv.streak += 1
+                    srv.restarts.append({"cause": causes[-1], "at": time.time()})
+                    _log.warning(
+                        "server.restarting",
+                        server=name,
+                        cause=causes[-1],
+                        restart=len(srv.restarts),
+                        in_a_row=srv.streak,
+                        limit=limit,
+                    )
                     await self._respawn(srv)
         except StartupError as exc:
-            srv.state = "failed"
-            _log.error("server.restart_failed", server=name, error=str(exc))
+            causes.append(f"restart attempt failed: {str(exc).splitlines()[0]}")
+            self._give_up(srv, causes[-1])
             return False
-        _log.info("server.restarted", server=name, after_s=srv.ready_after_s)
+        _log.info("server.restarted", server=name, after_s=round(srv.ready_after_s or 0, 1))
         return True
+
+    def _give_up(self, srv: _Server, cause: str) -> None:
+        srv.state = "failed"
+        srv.failure = {
+            "reason": f"restart limit reached: {srv.streak} restarts in a row "
+            f"(WATCHDOG_KV_RESTART_LIMIT={self.settings.restart_limit})",
+            "last_cause": cause,
+            "causes": [r["cause"] for r in srv.restarts],
+            "log": str(srv.proc.log_path),
+            "last_log_lines": srv.proc.tail(15),
+        }
+        self._changed.set()
+        _log.error("server.restart_limit_reached", server=srv.spec.name, **srv.failure)
 
     async def _respawn(self, srv: _Server) -> None:
         srv.state = "restarting"
-        await asyncio.to_thread(srv.proc.stop, 0.5)  # wedged: no graceful stop to wait for
+        self._changed.set()
+        await asyncio.to_thread(srv.proc.stop, 0.5)  # dead or wedged: nothing to wait for
         if self._stopping:
             return
-        srv.proc.start()
-        srv.started_at = time.monotonic()
-        srv.exit_code = None
-        _log.info("server.spawned", server=srv.spec.name, pid=srv.proc.pid, restart=True)
+        await self._spawn(srv, restart=True)
         with StartupProgress([srv.spec.name], live=False) as progress:
             async with aiohttp.ClientSession() as http:
                 await self._wait_ready(http, srv, progress)
 
-    def stalls(self, name: str | None = None) -> list[Stall]:
-        return self.monitor.current(name) if self.monitor is not None else []
+    # -- watching ---------------------------------------------------------------------------
+    async def watch(self, poll_s: float = 0.5) -> _Server:
+        """Restart servers that exit; return once no server able to answer is left.
 
-    def health(self) -> dict[str, Any]:
-        """Live, ready and progressing for each server, told apart."""
-        out: dict[str, Any] = {}
-        for name, srv in self.servers.items():
-            stalls = self.stalls(name)
-            out[name] = {
-                "role": srv.spec.role,
-                "live": srv.proc.pid is not None and srv.proc.poll() is None,
-                "ready": srv.state == "ready",
-                "progressing": not stalls,
-                "state": srv.state,
-                "stalls": [s.describe() for s in stalls],
-                "restarts": len(srv.restarts),
-            }
-        return out
-
-    async def wait_for_exit(self, poll_s: float = 0.5) -> _Server:
-        """Return the first *decode* server whose process exits while we are not stopping.
-
-        A prefill server that exits is logged and marked ``exited`` (the router's
-        health turns 503) but the service goes on: requests already handed to a
-        decode finish there -- their KV loads recover by recomputing.
-        Restarting servers is not done yet.
+        A server that exits on its own is restarted (:meth:`restart`). The service
+        goes on while any decode (or plain) server is ready or restarting -- the
+        router's recovery ladder routes around the missing one -- and this returns
+        the last serving server when every one of them has failed for good.
         """
         while True:
             for srv in self.servers.values():
+                if self._stopping or srv.state != "ready":
+                    continue
                 code = srv.proc.poll()
-                if code is None or self._stopping or srv.state in ("exited", "restarting"):
+                if code is None:
                     continue
                 srv.state, srv.exit_code = "exited", code
+                self._changed.set()
+                cause = f"exited with {_exit_cause(code)}"
                 _log.error(
                     "server.exited",
                     server=srv.spec.name,
                     exit_code=code,
+                    cause=cause,
                     last_lines=srv.proc.tail(10),
-                    service="degraded" if srv.spec.role == "prefill" else "stopping",
+                    action="restart" if not self.draining else "none (draining)",
                 )
-                if srv.spec.role in ("decode", "plain"):
-                    return srv
+                self._schedule(srv.spec.name, self.restart(srv.spec.name, cause))
+            serving = [s for s in self.servers.values() if s.spec.role in SERVING_ROLES]
+            if serving and all(s.state == "failed" for s in serving):
+                return serving[-1]
             await asyncio.sleep(poll_s)
 
     async def stop(self) -> None:
@@ -423,20 +486,43 @@ class Supervisor:
                 )
         _log.info("supervisor.stopped")
 
-    # -- status ---------------------------------------------------------------------
+    # -- what the router asks -----------------------------------------------------------
+    def stalls(self, name: str | None = None) -> list[Stall]:
+        return self.monitor.current(name) if self.monitor is not None else []
+
+    def health(self) -> dict[str, Any]:
+        """Live, ready and progressing for each server, told apart."""
+        out: dict[str, Any] = {}
+        for name, srv in self.servers.items():
+            stalls = self.stalls(name)
+            out[name] = {
+                "role": srv.spec.role,
+                "live": srv.proc.pid is not None and srv.proc.poll() is None,
+                "ready": srv.state == "ready",
+                "progressing": not stalls,
+                "state": srv.state,
+                "stalls": [s.describe() for s in stalls],
+                "restarts": len(srv.restarts),
+            }
+        return out
+
     def status(self) -> dict[str, Any]:
         return {
             "run_dir": str(self.run_dir),
+            "backend": self.options.backend,
             "servers": {
                 name: {
                     "role": s.spec.role,
-                    "url": s.spec.url,
+                    "url": s.proc.url,
                     "pid": s.proc.pid,
                     "state": s.state,
                     "exit_code": s.exit_code,
                     "ready_after_s": s.ready_after_s,
                     "log": str(s.proc.log_path),
+                    "where": s.proc.where(),
                     "restarts": s.restarts,
+                    "restarts_in_a_row": s.streak,
+                    "failure": s.failure,
                 }
                 for name, s in self.servers.items()
             },
@@ -445,18 +531,61 @@ class Supervisor:
             "stalls": [s.as_dict() for s in (self.monitor.history() if self.monitor else [])],
         }
 
-    def backend(self, role: str) -> Backend:
+    def roles(self) -> set[str]:
+        return {s.spec.role for s in self.servers.values()}
+
+    def available(self, role: str) -> list[Backend]:
+        """Servers of ``role`` that can take a request now: ready and, unless the stall
+        action is observe, not stalled."""
+        out = []
         for srv in self.servers.values():
-            if srv.spec.role == role:
-                return Backend(srv.spec.name, srv.spec.url)
-        raise KeyError(role)
+            if srv.spec.role != role or srv.state != "ready" or srv.proc.poll() is not None:
+                continue
+            if self.settings.stall_action != "observe" and self.stalls(srv.spec.name):
+                continue
+            out.append(Backend(srv.spec.name, srv.proc.url, srv.starts))
+        return out
+
+    async def wait_available(self, role: str, timeout_s: float) -> list[Backend]:
+        """Servers of ``role`` available within ``timeout_s`` (e.g. one restarting);
+        empty when none of them can come back (all failed) or the time is up."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            found = self.available(role)
+            if found:
+                return found
+            left = deadline - time.monotonic()
+            pending = [  # servers on their way back; a stalled one is not
+                s
+                for s in self.servers.values()
+                if s.spec.role == role
+                and (s.state in _COMING_BACK or (s.state == "ready" and s.proc.poll() is not None))
+            ]
+            if left <= 0 or not pending or self._stopping:
+                return []
+            self._changed.clear()
+            # state changes wake us; stalls clearing are seen by polling
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), min(left, 0.5))
 
     def plain(self) -> bool:
         """A data-parallel deployment without prefill/decode hand-off."""
-        return any(s.spec.role == "plain" for s in self.servers.values())
+        return "plain" in self.roles()
 
     def ready(self) -> bool:
-        return bool(self.servers) and all(s.state == "ready" for s in self.servers.values())
+        """Start-up is done and at least one server able to answer clients is ready."""
+        return self._up and any(
+            s.state == "ready" for s in self.servers.values() if s.spec.role in SERVING_ROLES
+        )
+
+
+def _exit_cause(code: int) -> str:
+    if code < 0:
+        try:
+            return f"signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"signal {-code}"
+    return f"code {code}"
 
 
 def _new_run_dir(state_dir: Path) -> Path:

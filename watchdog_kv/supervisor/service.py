@@ -2,9 +2,11 @@
 
 The router binds first (so a taken port is an error before any vLLM process
 starts, and clients get 503 while the servers warm up), then the servers start.
-SIGINT or SIGTERM at any point, start-up included, stops every process that was
-started. A decode server that exits on its own ends the service with a non-zero
-code; a prefill server that exits leaves it running, degraded (health 503).
+A server that exits is restarted (:meth:`Supervisor.watch`); the service ends
+with a non-zero code only when every decode (or plain) server has failed for
+good. SIGINT or SIGTERM drains first -- new requests get 503, those in flight
+finish, up to ``WATCHDOG_KV_DRAIN_TIMEOUT`` -- then stops every process that
+was started; during start-up it stops at once.
 """
 
 from __future__ import annotations
@@ -60,8 +62,17 @@ async def run_service(
             servers={n: s.proc.pid for n, s in supervisor.servers.items()},
         )
         work = on_ready(supervisor, router) if on_ready else _forever()
-        exited = asyncio.ensure_future(supervisor.wait_for_exit())
-        code = await _race(work, stop, exited)
+        failed = asyncio.ensure_future(supervisor.watch())
+        code = await _race(work, stop, failed)
+        if code == EXIT_INTERRUPTED:
+            supervisor.draining = True
+            await router.drain(settings.drain_timeout_s)
+        elif code == EXIT_FAILED:
+            _log.error(
+                "service.failed",
+                reason="no server able to answer is left",
+                servers={n: s.failure or {"state": s.state} for n, s in supervisor.servers.items()},
+            )
         if code == EXIT_INTERRUPTED and on_ready is None:
             return EXIT_OK  # serving until told to stop, and stopped cleanly
         return EXIT_OK if code is None else code
@@ -91,7 +102,7 @@ async def _race(
     """Await ``work`` unless a stop signal or a server exit comes first.
 
     Returns None when ``work`` finished with None (start-up done), its exit code
-    when it returned one, 130 when a signal came first, 1 when a server exited.
+    when it returned one, 130 when a signal came first, 1 when the service failed.
     """
     task = asyncio.ensure_future(work)
     stopper = asyncio.ensure_future(stop.wait())
