@@ -1,51 +1,45 @@
 """The router's HTTP application: OpenAI endpoints, health and control.
 
 ==========================  ========================================================
-``POST /v1/completions``    prefill -> decode hand-off (streaming or not)
+``POST /v1/completions``    the recovery ladder (:mod:`watchdog_kv.router.ladder`):
+                            prefill -> decode hand-off, streaming or not
 ``POST /v1/chat/completions`` same, for chat
-``GET /v1/models``          the decode server's model list
-``GET /health``             200 when every server is live, ready and making progress,
-                            else 503 saying which is not
+``GET /v1/models``          a decode server's model list
+``GET /health``             200 while the service can answer (a decode, or the plain
+                            server, is ready and progressing); the body names the
+                            servers that are not ("degraded"); else 503
 ``GET /watchdog/health``    live / ready / progressing per server, told apart, with
-                            the stalls seen; ``?probe=live|ready|progress`` checks one
-``GET /watchdog/status``    servers (pid, state, url, log) and the status records
+                            the stalls seen; 503 if any server fails a check;
+                            ``?probe=live|ready|progress`` checks one
+``GET /watchdog/status``    servers (pid, state, url, log, restarts and their causes),
+                            the router's recoveries by rung, and the status records
                             of every vLLM process that registered watchdog_kv
 ==========================  ========================================================
+
+Draining (:meth:`RouterServer.drain`, on SIGTERM): new requests get 503 at once,
+requests in flight run to their end, up to ``WATCHDOG_KV_DRAIN_TIMEOUT``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any
 
 import aiohttp
 from aiohttp import web
 
 from watchdog_kv.config import Settings
-from watchdog_kv.router.handoff import (
-    Backend,
-    HandoffError,
-    error_response,
-    run_decode,
-    run_prefill,
-    validate_body,
-)
+from watchdog_kv.router.handoff import HandoffError, error_response, validate_body
+from watchdog_kv.router.ladder import Backends, Ladder, Recoveries
 from watchdog_kv.telemetry import get_logger
 
 __all__ = ["Backends", "RouterServer", "build_app"]
 
 _log = get_logger("watchdog_kv.router")
 _HTTP = web.AppKey("http", aiohttp.ClientSession)
-
-
-class Backends(Protocol):
-    def ready(self) -> bool: ...
-    def backend(self, role: str) -> Backend: ...
-    def status(self) -> dict[str, Any]: ...
-    def health(self) -> dict[str, Any]: ...
-    def plain(self) -> bool: ...
 
 
 _PROBES = {"live": ("live",), "ready": ("live", "ready"), "progress": ("progressing",)}
@@ -61,20 +55,33 @@ def _unhealthy(health: dict[str, Any], checks: tuple[str, ...]) -> dict[str, lis
     return out
 
 
-def _stalled_error(health: dict[str, Any], *names: str) -> HandoffError | None:
-    for name in names:
-        h = health.get(name, {})
-        if h.get("stalls"):
-            return HandoffError(
-                503,
-                f"{name} is stalled: {h['stalls'][0]}; not sending the request into it",
-                "server_stalled",
-            )
-    return None
+class _Traffic:
+    """Requests in flight, and whether new ones are still taken."""
+
+    def __init__(self) -> None:
+        self.in_flight = 0
+        self.draining = False
+        self.idle = asyncio.Event()
+        self.idle.set()
+
+    def enter(self) -> None:
+        self.in_flight += 1
+        self.idle.clear()
+
+    def leave(self) -> None:
+        self.in_flight -= 1
+        if self.in_flight == 0:
+            self.idle.set()
+
+
+_TRAFFIC = web.AppKey("traffic", _Traffic)
+_RECOVERIES = web.AppKey("recoveries", Recoveries)
 
 
 def build_app(backends: Backends, settings: Settings) -> web.Application:
     app = web.Application(client_max_size=16 * 1024 * 1024)
+    traffic = app[_TRAFFIC] = _Traffic()
+    recoveries = app[_RECOVERIES] = Recoveries()
 
     async def _session(app: web.Application) -> Any:
         app[_HTTP] = aiohttp.ClientSession()
@@ -83,69 +90,49 @@ def build_app(backends: Backends, settings: Settings) -> web.Application:
 
     app.cleanup_ctx.append(_session)
 
-    async def _plain(
-        request: web.Request, body: dict[str, Any], request_id: str, log: Any, t0: float
-    ) -> web.StreamResponse:
-        """A data-parallel deployment: no hand-off, the server balances its own ranks."""
-        server = backends.backend("plain")
-        response = await run_decode(
-            request,
-            request.app[_HTTP],
-            server,
-            request.path,
-            body,
-            request_id,
-            settings.decode_idle_timeout_s,
-        )
-        log.info("request.done", server=server.name, seconds=round(time.monotonic() - t0, 3))
-        return response
-
     def handler(path: str) -> Callable[[web.Request], Any]:
         async def handle(request: web.Request) -> web.StreamResponse:
             request_id = request.headers.get("X-Request-Id") or f"wkv-{uuid.uuid4().hex}"
             t0 = time.monotonic()
             log = _log.bind(request_id=request_id, endpoint=path)
+            if traffic.draining:
+                return error_response(
+                    503, "the service is shutting down; retry elsewhere", "service_draining"
+                )
+            traffic.enter()
+            ladder = None
             try:
                 if not backends.ready():
                     raise HandoffError(503, "servers are not ready", "service_unavailable")
                 body = validate_body(await request.read())
-                if backends.plain():
-                    return await _plain(request, body, request_id, log, t0)
-                prefill, decode = backends.backend("prefill"), backends.backend("decode")
-                if settings.stall_action != "observe":
-                    stalled = _stalled_error(backends.health(), prefill.name, decode.name)
-                    if stalled is not None:
-                        raise stalled
-                params = await run_prefill(
-                    request.app[_HTTP], prefill, path, body, request_id, settings.prefill_timeout_s
-                )
-                log.debug(
-                    "request.prefilled",
-                    prefill=prefill.name,
-                    remote_engine_id=params.get("remote_engine_id"),
-                )
-                response = await run_decode(
+                ladder = Ladder(
                     request,
                     request.app[_HTTP],
-                    decode,
+                    backends,
+                    settings,
+                    recoveries,
                     path,
-                    {**body, "kv_transfer_params": params},
+                    body,
                     request_id,
-                    settings.decode_idle_timeout_s,
+                    log,
                 )
+                response = await ladder.run()
             except HandoffError as err:
                 log.warning(
                     "request.failed",
                     status=err.status,
                     kind=err.kind,
                     error=err.message,
+                    rungs=ladder.rungs if ladder else [],
                     **err.fields,
                 )
                 return err.response()
+            finally:
+                traffic.leave()
             log.info(
                 "request.done",
-                prefill=prefill.name,
-                decode=decode.name,
+                servers=ladder.servers,
+                rungs=ladder.rungs,
                 stream=bool(body.get("stream")),
                 seconds=round(time.monotonic() - t0, 3),
             )
@@ -156,7 +143,10 @@ def build_app(backends: Backends, settings: Settings) -> web.Application:
     async def models(request: web.Request) -> web.Response:
         if not backends.ready():
             return error_response(503, "servers are not ready", "service_unavailable")
-        decode = backends.backend("plain" if backends.plain() else "decode")
+        found = backends.available("plain" if backends.plain() else "decode")
+        if not found:
+            return error_response(503, "no decode server is available", "service_unavailable")
+        decode = found[0]
         try:
             async with request.app[_HTTP].get(
                 f"{decode.url}/v1/models", timeout=aiohttp.ClientTimeout(total=10)
@@ -173,8 +163,12 @@ def build_app(backends: Backends, settings: Settings) -> web.Application:
         detail = backends.health()
         states = {n: h["state"] for n, h in detail.items()}
         failing = _unhealthy(detail, ("live", "ready", "progressing"))
-        ok = backends.ready() and not failing
-        body: dict[str, Any] = {"status": "ok" if ok else "unavailable", "servers": states}
+        serving = "plain" if backends.plain() else "decode"
+        ok = backends.ready() and bool(backends.available(serving)) and not traffic.draining
+        status = "draining" if traffic.draining else "unavailable"
+        if ok:
+            status = "degraded" if failing else "ok"
+        body: dict[str, Any] = {"status": status, "servers": states}
         if failing:
             body["failing"] = failing
         return web.json_response(body, status=200 if ok else 503)
@@ -196,7 +190,16 @@ def build_app(backends: Backends, settings: Settings) -> web.Application:
         )
 
     async def watchdog_status(_: web.Request) -> web.Response:
-        return web.json_response(backends.status())
+        return web.json_response(
+            {
+                **backends.status(),
+                "router": {
+                    "in_flight": traffic.in_flight,
+                    "draining": traffic.draining,
+                    "recoveries": dict(recoveries.counts),
+                },
+            }
+        )
 
     app.router.add_post("/v1/completions", handler("/v1/completions"))
     app.router.add_post("/v1/chat/completions", handler("/v1/chat/completions"))
@@ -212,9 +215,8 @@ class RouterServer:
 
     def __init__(self, backends: Backends, settings: Settings, host: str, port: int) -> None:
         self.host, self.port = host, port
-        self._runner = web.AppRunner(
-            build_app(backends, settings), access_log=None, handle_signals=False
-        )
+        self.app = build_app(backends, settings)
+        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
 
     @property
     def url(self) -> str:
@@ -225,6 +227,19 @@ class RouterServer:
         site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
         await site.start()
         _log.info("router.listening", url=self.url)
+
+    async def drain(self, timeout_s: float) -> int:
+        """Refuse new requests, wait for those in flight; return how many were cut off."""
+        traffic = self.app[_TRAFFIC]
+        traffic.draining = True
+        _log.info("router.draining", in_flight=traffic.in_flight, timeout_s=timeout_s)
+        try:
+            await asyncio.wait_for(traffic.idle.wait(), timeout_s)
+        except TimeoutError:
+            _log.warning("router.drain_timeout", cut_off=traffic.in_flight, timeout_s=timeout_s)
+            return traffic.in_flight
+        _log.info("router.drained")
+        return 0
 
     async def stop(self) -> None:
         await self._runner.cleanup()

@@ -1,4 +1,5 @@
-"""The prefill -> decode hand-off for one OpenAI request.
+"""The HTTP calls of the prefill -> decode hand-off (the ladder in
+:mod:`watchdog_kv.router.ladder` decides which servers they go to).
 
 1. The request goes to the prefill server with ``max_tokens: 1``, no streaming,
    and ``kv_transfer_params: {"do_remote_decode": true}``. vLLM computes the
@@ -7,7 +8,7 @@
    host, port).
 2. The original request, with those params added, goes to the decode server,
    which pulls the KV over NIXL instead of computing it, and generates. Its
-   answer (streamed or not) is relayed to the client unchanged.
+   answer is relayed to the client (streams by :mod:`watchdog_kv.router.stream`).
 
 Every wait is bounded: the prefill call by ``WATCHDOG_KV_PREFILL_TIMEOUT``, the
 decode by ``WATCHDOG_KV_DECODE_IDLE_TIMEOUT`` of silence. A failure is an
@@ -17,8 +18,6 @@ request) is passed through to the client as it is.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -28,7 +27,19 @@ from aiohttp import web
 
 from watchdog_kv.telemetry import get_logger
 
-__all__ = ["Backend", "HandoffError", "no_answer", "prefill_body", "validate_body"]
+__all__ = [
+    "Backend",
+    "HandoffError",
+    "decode_whole",
+    "idle_timeout",
+    "no_answer",
+    "prefill_body",
+    "relay_error",
+    "retryable",
+    "run_prefill",
+    "silent",
+    "validate_body",
+]
 
 _log = get_logger("watchdog_kv.router")
 
@@ -37,6 +48,7 @@ _log = get_logger("watchdog_kv.router")
 class Backend:
     name: str
     url: str
+    epoch: int = 0  # how many times the server was started: a restarted one is new
 
 
 class HandoffError(Exception):
@@ -110,7 +122,7 @@ def no_answer(role: str, backend: Backend, exc: BaseException, timeout_s: float)
     )
 
 
-async def _relay_error(resp: aiohttp.ClientResponse, backend: Backend) -> HandoffError:
+async def relay_error(resp: aiohttp.ClientResponse, backend: Backend) -> HandoffError:
     text = await resp.text()
     try:
         detail = json.loads(text).get("error", {}).get("message") or text
@@ -153,7 +165,7 @@ async def run_prefill(
             timeout=aiohttp.ClientTimeout(total=timeout_s),
         ) as resp:
             if resp.status != 200:
-                raise await _relay_error(resp, backend)
+                raise await relay_error(resp, backend)
             data = await resp.json()
     except (TimeoutError, aiohttp.ClientError) as exc:
         raise no_answer("prefill", backend, exc, timeout_s) from None
@@ -169,81 +181,49 @@ async def run_prefill(
     return params
 
 
-async def run_decode(
-    request: web.Request,
+async def decode_whole(
     http: aiohttp.ClientSession,
     backend: Backend,
     path: str,
     body: dict[str, Any],
     request_id: str,
     idle_timeout_s: float,
-) -> web.StreamResponse:
-    """Send the request with its KV params to the decode server; relay the answer."""
-    timeout = aiohttp.ClientTimeout(
-        total=None, sock_connect=idle_timeout_s, sock_read=idle_timeout_s
-    )
-    stream = bool(body.get("stream"))
+) -> web.Response:
+    """Send a non-streamed request to a decode server and return its whole answer."""
     try:
-        upstream = await http.post(
-            f"{backend.url}{path}", json=body, headers={"X-Request-Id": request_id}, timeout=timeout
-        )
-    except (TimeoutError, aiohttp.ClientError) as exc:
-        raise no_answer("decode", backend, exc, idle_timeout_s) from None
-    async with upstream:
-        if upstream.status != 200:
-            raise await _relay_error(upstream, backend)
-        if not stream:
+        async with http.post(
+            f"{backend.url}{path}",
+            json=body,
+            headers={"X-Request-Id": request_id},
+            timeout=idle_timeout(idle_timeout_s),
+        ) as upstream:
+            if upstream.status != 200:
+                raise await relay_error(upstream, backend)
             try:
                 payload = await upstream.read()
             except TimeoutError:
-                raise HandoffError(
-                    504,
-                    f"decode server {backend.name} went silent for {idle_timeout_s:g} s",
-                    "decode_timeout",
-                    server=backend.name,
-                ) from None
-            except aiohttp.ClientError as exc:
-                raise HandoffError(
-                    502,
-                    f"decode server {backend.name} failed mid-answer: {exc}",
-                    "decode_failed",
-                    server=backend.name,
-                ) from None
+                raise silent("decode", backend, idle_timeout_s) from None
             return web.Response(
                 body=payload, status=200, content_type=upstream.content_type or "application/json"
             )
-        response = web.StreamResponse(
-            status=200,
-            headers={
-                "Content-Type": upstream.headers.get("Content-Type", "text/event-stream"),
-                "Cache-Control": "no-cache",
-                "X-Request-Id": request_id,
-            },
-        )
-        await response.prepare(request)
-        try:
-            async for chunk in upstream.content.iter_any():
-                try:
-                    await response.write(chunk)
-                except ConnectionResetError:
-                    # The client went away. Leaving this block closes the upstream
-                    # request, which makes vLLM abort it.
-                    _log.info("request.client_gone", request_id=request_id, server=backend.name)
-                    return response
-        except (TimeoutError, aiohttp.ClientError) as exc:
-            # Headers are gone already: end the stream with an error event.
-            cause = (
-                f"went silent for {idle_timeout_s:g} s"
-                if isinstance(exc, asyncio.TimeoutError)
-                else f"failed mid-stream: {exc}"
-            )
-            message = f"decode server {backend.name} {cause}"
-            _log.error(
-                "request.stream_failed", request_id=request_id, server=backend.name, cause=cause
-            )
-            event = {"error": {"message": message, "type": "decode_failed", "code": 502}}
-            with contextlib.suppress(ConnectionResetError):
-                await response.write(f"data: {json.dumps(event)}\n\n".encode())
-        with contextlib.suppress(ConnectionResetError):
-            await response.write_eof()
-        return response
+    except (TimeoutError, aiohttp.ClientError) as exc:
+        raise no_answer("decode", backend, exc, idle_timeout_s) from None
+
+
+def idle_timeout(seconds: float) -> aiohttp.ClientTimeout:
+    """No bound on the whole answer, ``seconds`` on connecting and on each silence."""
+    return aiohttp.ClientTimeout(total=None, sock_connect=seconds, sock_read=seconds)
+
+
+def silent(role: str, backend: Backend, seconds: float) -> HandoffError:
+    return HandoffError(
+        504,
+        f"{role} server {backend.name} went silent for {seconds:g} s",
+        f"{role}_timeout",
+        server=backend.name,
+    )
+
+
+def retryable(err: HandoffError) -> bool:
+    """Could another server answer? Not for the client's own mistakes (4xx)."""
+    return not 400 <= err.status < 500 or err.status in (408, 429)

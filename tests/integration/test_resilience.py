@@ -1,0 +1,248 @@
+"""Nothing lost when a vLLM server dies: kill -9 on real vLLM servers behind the router.
+
+One supervised service with one prefill and two decode servers (module scope).
+The killed servers are restarted by the supervisor; a prefill that keeps
+crashing on start (the ``crash_start`` rehearsal fault) is given up on at the
+restart limit with a report, while the service goes on answering.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from watchdog_kv import faults
+
+from .conftest import base_env, events, http_json, requires_vllm, start_service, stop_service
+
+pytestmark = [pytest.mark.vllm, requires_vllm]
+
+RESTART_LIMIT = 3  # the prefill uses one on the way (killed), two crash in a row
+MODEL = "watchdog-kv-tiny"
+
+
+@pytest.fixture(scope="module")
+def resilient(tmp_path_factory):
+    env = base_env(
+        WATCHDOG_KV_RESTART_LIMIT=str(RESTART_LIMIT),
+        WATCHDOG_KV_RESTART_BACKOFF="0.5",
+        WATCHDOG_KV_FAULT="crash_start",
+    )
+    svc = start_service(tmp_path_factory.mktemp("resilience-run"), env, "--decode", "2")
+    yield svc
+    stop_service(svc)
+
+
+def stream(url: str, path: str, body: dict, on_event=None) -> tuple[list[dict], dict]:
+    """POST a streamed request; (the events' JSON, the response headers)."""
+    req = urllib.request.Request(
+        url + path, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    out: list[dict] = []
+    with urllib.request.urlopen(req, timeout=400) as resp:
+        headers = dict(resp.headers)
+        for line in resp:
+            line = line.strip()
+            if not line.startswith(b"data:"):
+                continue
+            data = line[5:].strip()
+            if data == b"[DONE]":
+                out.append({"done": True})
+                continue
+            out.append(json.loads(data))
+            if on_event is not None:
+                on_event(len(out), headers)
+    return out, headers
+
+
+def text_of(events_: list[dict], chat: bool) -> str:
+    parts = []
+    for e in events_:
+        for c in e.get("choices") or []:
+            parts.append(((c.get("delta") or {}).get("content") or "") if chat else c["text"])
+    return "".join(parts)
+
+
+def long_request(chat: bool) -> tuple[str, dict]:
+    common = {"model": MODEL, "max_tokens": 300, "temperature": 0, "ignore_eos": True}
+    if chat:
+        return "/v1/chat/completions", {
+            **common,
+            "messages": [{"role": "user", "content": "Tell the long story of a hung request."}],
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+    return "/v1/completions", {**common, "prompt": "Once upon a time a decode", "stream": True}
+
+
+def server(svc, name: str) -> dict:
+    return svc.status()["servers"][name]
+
+
+def wait_state(svc, name: str, check, timeout_s: float) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        state = server(svc, name)
+        if check(state):
+            return state
+        assert time.monotonic() < deadline, f"{name} never got there: {state}"
+        time.sleep(1)
+
+
+def kill_tree(pid: int) -> None:
+    """kill -9 of a whole vLLM server (its API server's process group): the machine is gone."""
+    os.killpg(os.getpgid(pid), signal.SIGKILL)
+
+
+@pytest.mark.parametrize("chat", [False, True], ids=["completions", "chat"])
+def test_decode_killed_mid_stream_the_stream_completes_identical(resilient, chat):
+    svc = resilient
+    for name in ("decode-0", "decode-1"):  # the other test case's kill is mended first
+        wait_state(svc, name, lambda s: s["state"] == "ready", 300)
+    path, body = long_request(chat)
+    reference, _ = stream(svc.url, path, body)
+    before = svc.status()["router"]["recoveries"].get("decode_continues_stream", 0)
+    killed: dict = {}
+
+    def kill_after_30(count: int, headers: dict) -> None:
+        if count == 30 and not killed:
+            name = headers["X-Watchdog-Decode"]
+            killed.update(name=name, pid=server(svc, name)["pid"])
+            os.kill(killed["pid"], signal.SIGKILL)  # the decode's API server, mid-stream
+
+    got, _ = stream(svc.url, path, body, on_event=kill_after_30)
+    assert killed, "the stream ended before the kill"
+    assert text_of(got, chat) == text_of(reference, chat)
+    assert len(text_of(got, chat)) > 0 and got[-1] == {"done": True}
+    assert not any("error" in e for e in got)
+    finish = [c["finish_reason"] for e in got for c in e.get("choices") or [] if c["finish_reason"]]
+    assert finish == ["length"]
+    if chat:  # usage counts the whole answer, not just the continuation
+        usage = [e["usage"] for e in got if e.get("usage")]
+        assert usage[-1] == [e["usage"] for e in reference if e.get("usage")][-1]
+    assert len({e["id"] for e in got if "id" in e}) == 1  # one stream, one id
+    status = svc.status()
+    assert status["router"]["recoveries"]["decode_continues_stream"] == before + 1
+    # the killed decode is restarted, and says why
+    state = wait_state(svc, killed["name"], lambda s: s["restarts"], 30)
+    assert state["restarts"][-1]["cause"] == "exited with signal SIGKILL"
+
+
+def test_prefill_killed_requests_complete_then_it_is_back(resilient):
+    svc = resilient
+    wait_state(svc, "prefill-0", lambda s: s["state"] == "ready", 300)
+    prompts = [f"Request {i}: the prefill server dies under it." for i in range(4)]
+
+    def ask(prompt: str, stream_: bool = False) -> tuple[int, str, dict]:
+        body = {"model": MODEL, "prompt": prompt, "max_tokens": 12, "temperature": 0}
+        if stream_:
+            got, headers = stream(svc.url, "/v1/completions", {**body, "stream": True})
+            return 200, text_of(got, False), headers
+        req = urllib.request.Request(
+            svc.url + "/v1/completions",
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=120) as resp:
+                return resp.status, json.load(resp)["choices"][0]["text"], dict(resp.headers)
+        except urllib.error.HTTPError as err:
+            return err.code, err.read().decode(), {}
+
+    references = [ask(p)[1] for p in prompts]
+    pid = server(svc, "prefill-0")["pid"]
+    kill_tree(pid)
+    for i, prompt in enumerate(prompts):
+        code, text, headers = ask(prompt, stream_=i % 2 == 1)
+        assert code == 200, text
+        assert text == references[i]
+        assert "decode_computes_prompt" in headers["X-Watchdog-Recovery"]
+    code, health = http_json(f"{svc.url}/health")
+    assert code == 200 and health["status"] == "degraded"
+    state = wait_state(svc, "prefill-0", lambda s: s["state"] == "ready", 300)
+    assert state["pid"] != pid and state["restarts"][-1]["cause"] == "exited with signal SIGKILL"
+    code, text, headers = ask(prompts[0])
+    assert (code, text, headers["X-Watchdog-Recovery"]) == (200, references[0], "none")
+
+
+def test_crash_looping_server_is_given_up_on_at_the_limit(resilient):
+    svc = resilient
+    before = wait_state(svc, "prefill-0", lambda s: s["state"] == "ready", 300)
+    attempts = RESTART_LIMIT - before["restarts_in_a_row"]  # a row: not yet stable again
+    assert attempts >= 2
+    faults.arm(svc.run_dir, "prefill-0", "crash_start")
+    try:
+        kill_tree(before["pid"])
+        state = wait_state(svc, "prefill-0", lambda s: s["state"] == "failed", 240)
+    finally:
+        faults.disarm(svc.run_dir, "prefill-0", "crash_start")
+    failure = state["failure"]
+    assert failure["reason"].startswith(f"restart limit reached: {RESTART_LIMIT} restarts in a row")
+    restarts = state["restarts"][len(before["restarts"]) :]
+    assert len(restarts) == attempts
+    assert restarts[0]["cause"] == "exited with signal SIGKILL"
+    for later in restarts[1:]:  # each restart crashed on start
+        assert later["cause"].startswith("restart attempt failed: vLLM server prefill-0 exited")
+        assert "with code 3" in later["cause"]
+    assert "with code 3" in failure["last_cause"]
+    assert any("fault.crash_injected" in line for line in failure["last_log_lines"])
+    log = events(svc.stderr_path.read_text())
+    (limit,) = [e for e in log if e["event"] == "server.restart_limit_reached"]
+    assert limit["server"] == "prefill-0" and limit["reason"] == failure["reason"]
+    # the service goes on without it: the decodes compute prompts themselves
+    code, health = http_json(f"{svc.url}/health")
+    assert code == 200 and health["failing"]["prefill-0"] == ["live", "ready"]
+    code, body = http_json(
+        f"{svc.url}/v1/completions",
+        {"model": MODEL, "prompt": "Still answering.", "max_tokens": 5, "temperature": 0},
+    )
+    assert code == 200 and body["choices"][0]["text"]
+
+
+def test_drain_finishes_in_flight_requests_and_refuses_new_ones(resilient):
+    svc = resilient
+    for name in ("decode-0", "decode-1"):
+        wait_state(svc, name, lambda s: s["state"] == "ready", 300)
+    path, body = long_request(chat=False)
+    body["max_tokens"] = 450  # long enough to still be running when SIGTERM comes
+    result: dict = {}
+    started = threading.Event()
+
+    def long_stream() -> None:
+        result["events"], _ = stream(
+            svc.url, path, body, on_event=lambda n, _h: n == 5 and started.set()
+        )
+
+    thread = threading.Thread(target=long_stream)
+    thread.start()
+    assert started.wait(60)
+    svc.proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    while True:  # new requests are refused while the stream finishes
+        code, answer = http_json(
+            f"{svc.url}/v1/completions", {"model": MODEL, "prompt": "late", "max_tokens": 2}
+        )
+        if code == 503:
+            break
+        assert time.monotonic() < deadline, (code, answer)
+        time.sleep(0.2)
+    assert answer["error"]["type"] == "service_draining"
+    thread.join(120)
+    assert not thread.is_alive()
+    got = result["events"]
+    assert got[-1] == {"done": True} and not any("error" in e for e in got)
+    assert [c["finish_reason"] for c in got[-2]["choices"]] == ["length"]
+    assert svc.proc.wait(timeout=90) == 0
+    log = [e["event"] for e in events(svc.stderr_path.read_text())]
+    assert (
+        log.index("router.draining")
+        < log.index("router.drained")
+        < log.index("supervisor.stopping")
+    )

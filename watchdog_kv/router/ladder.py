@@ -1,0 +1,260 @@
+"""The router's recovery ladder: one request, every rung tried before the client sees an error.
+
+Within the request's budget (``WATCHDOG_KV_REQUEST_BUDGET``):
+
+1. **Prefill.** Ask an available prefill server for the KV (round robin). If it
+   fails (unreachable, timed out, 5xx, stalled), ask the next one.
+2. **Compute on the decode.** No prefill answered (or none is available): the
+   decode computes the prompt itself -- the request without ``kv_transfer_params``.
+3. **Decode.** Send the request to an available decode. If it fails before the
+   client has been sent anything, send it to another decode (recomputing the
+   prompt there: the failed one may have taken the KV). If there is none, wait
+   for one that is starting or restarting.
+4. **Continue.** A streamed answer whose decode dies mid-stream continues on
+   another (or the restarted) decode from the tokens already sent
+   (:mod:`watchdog_kv.router.stream`).
+
+A 4xx from vLLM is the client's own mistake and goes straight back. Only when
+every rung has failed, or the budget is spent, does the client get the last
+error, which names the servers tried. Every rung taken is logged
+(``request.recovered``) and counted in ``/watchdog/status``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections import Counter
+from typing import Any, Protocol
+
+import aiohttp
+from aiohttp import web
+
+from watchdog_kv.config import Settings
+from watchdog_kv.router.handoff import (
+    Backend,
+    HandoffError,
+    decode_whole,
+    retryable,
+    run_prefill,
+)
+from watchdog_kv.router.stream import ClientGone, StreamRelay
+
+__all__ = ["Backends", "Ladder", "Recoveries"]
+
+
+class Backends(Protocol):
+    """What the router needs to know about the servers (the supervisor answers)."""
+
+    def ready(self) -> bool: ...
+    def roles(self) -> set[str]: ...
+    def available(self, role: str) -> list[Backend]: ...
+    async def wait_available(self, role: str, timeout_s: float) -> list[Backend]: ...
+    def status(self) -> dict[str, Any]: ...
+    def health(self) -> dict[str, Any]: ...
+    def plain(self) -> bool: ...
+
+
+class Recoveries:
+    """Rungs taken by the router since it started, by kind; and a round-robin per role."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+        self._turn: dict[str, itertools.count[int]] = {}
+
+    def rotate(self, role: str, backends: list[Backend]) -> list[Backend]:
+        if not backends:
+            return backends
+        turn = next(self._turn.setdefault(role, itertools.count()))
+        start = turn % len(backends)
+        return backends[start:] + backends[:start]
+
+
+class Ladder:
+    """Serve one request through the rungs; see the module doc."""
+
+    def __init__(
+        self,
+        request: web.Request,
+        http: aiohttp.ClientSession,
+        backends: Backends,
+        settings: Settings,
+        recoveries: Recoveries,
+        path: str,
+        body: dict[str, Any],
+        request_id: str,
+        log: Any,
+    ) -> None:
+        self.request, self.http, self.backends = request, http, backends
+        self.settings, self.recoveries = settings, recoveries
+        self.path, self.body, self.request_id, self.log = path, body, request_id, log
+        self.deadline = time.monotonic() + settings.request_budget_s
+        self.rungs: list[str] = []
+        self.servers: list[str] = []
+
+    def left(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def rung(self, kind: str, **fields: Any) -> None:
+        self.rungs.append(kind)
+        self.recoveries.counts[kind] += 1
+        self.log.warning("request.recovered", rung=kind, **fields)
+
+    async def run(self) -> web.StreamResponse:
+        params = None
+        role = "plain" if self.backends.plain() else "decode"
+        if "prefill" in self.backends.roles():
+            params = await self._prefill()
+        return await self._decode(role, params)
+
+    # -- rungs 1 and 2 ---------------------------------------------------------------
+    async def _prefill(self) -> dict[str, Any] | None:
+        tried: list[str] = []
+        errors: list[str] = []
+        for backend in self.recoveries.rotate("prefill", self.backends.available("prefill")):
+            if self.left() <= 0:
+                break
+            try:
+                params = await run_prefill(
+                    self.http,
+                    backend,
+                    self.path,
+                    self.body,
+                    self.request_id,
+                    min(self.settings.prefill_timeout_s, self.left()),
+                )
+            except HandoffError as err:
+                if not retryable(err):
+                    raise
+                tried.append(backend.name)
+                errors.append(err.message)
+                self.log.warning("request.prefill_failed", server=backend.name, error=err.message)
+                continue
+            self.servers.append(backend.name)
+            if tried:
+                self.rung("prefill_retry", server=backend.name, failed=tried)
+            return params
+        self.rung(
+            "decode_computes_prompt",
+            reason="; ".join(errors) if errors else "no prefill server is available",
+        )
+        return None
+
+    # -- rungs 3 and 4 ---------------------------------------------------------------
+    async def _decode(self, role: str, params: dict[str, Any] | None) -> web.StreamResponse:
+        stream = (
+            StreamRelay(self.request, self.path, self.body, self.request_id)
+            if (self.body.get("stream"))
+            else None
+        )
+        failed: list[Backend] = []
+        last: HandoffError | None = None
+        while True:
+            backend = await self._pick(role, failed, last)
+            if backend is None:
+                assert last is not None
+                return await self._give_up(stream, last)
+            self.servers.append(backend.name)
+            try:
+                if stream is None:
+                    response = await decode_whole(
+                        self.http,
+                        backend,
+                        self.path,
+                        {**self.body, "kv_transfer_params": params} if params else self.body,
+                        self.request_id,
+                        self.settings.decode_idle_timeout_s,
+                    )
+                    response.headers["X-Watchdog-Decode"] = backend.name
+                    response.headers["X-Watchdog-Recovery"] = ",".join(self.rungs) or "none"
+                    return response
+                stream.headers.setdefault("X-Watchdog-Decode", backend.name)
+                stream.headers["X-Watchdog-Recovery"] = ",".join(self.rungs) or "none"
+                return await stream.relay(
+                    self.http, backend, params, self.settings.decode_idle_timeout_s
+                )
+            except ClientGone:
+                self.log.info("request.client_gone", server=backend.name)
+                return stream.response if stream and stream.response else web.Response(status=499)
+            except HandoffError as err:
+                if not retryable(err) and not (stream and stream.started):
+                    raise
+                last = err
+                failed.append(backend)
+                self.log.warning("request.decode_failed", server=backend.name, error=err.message)
+                if stream is not None and stream.started and stream.why_not:
+                    return await self._give_up(stream, err)
+                params = None  # the next decode computes the prompt: this one may have the KV
+                if stream is not None and stream.started:
+                    self.rung(
+                        "decode_continues_stream",
+                        failed=backend.name,
+                        tokens_sent=len(stream.emitted),
+                    )
+                else:
+                    self.rung("decode_retry", failed=backend.name)
+
+    async def _pick(
+        self, role: str, failed: list[Backend], last: HandoffError | None
+    ) -> Backend | None:
+        """The next server of ``role``: preferably one that has not failed this request
+        (a restarted server counts as new); else wait, within the budget, for one that
+        is starting or restarting. A server that failed once is tried once more, a
+        moment later (a process that has just died takes a moment to be seen dead)."""
+        while self.left() > 0:
+            found = self.recoveries.rotate(role, self.backends.available(role))
+            if not found:
+                found = await self.backends.wait_available(role, self.left())
+            fresh = [b for b in found if b not in failed]
+            if fresh:
+                return fresh[0]
+            if not found:
+                break
+            if last is None:
+                return found[0]
+            again = [b for b in found if failed.count(b) < 2]
+            if not again:
+                break
+            await asyncio.sleep(min(1.0, max(0.0, self.left())))
+            if again[0] in self.backends.available(role):
+                return again[0]
+        if last is None:
+            raise self._unavailable(role)
+        return None
+
+    def _unavailable(self, role: str) -> HandoffError:
+        health = self.backends.health()
+        reasons = []
+        for name, h in health.items():
+            if h.get("role") != role:
+                continue
+            if h.get("stalls"):
+                return HandoffError(
+                    503,
+                    f"{name} is stalled: {h['stalls'][0]}; not sending the request into it",
+                    "server_stalled",
+                )
+            reasons.append(f"{name} is {h.get('state')}")
+        return HandoffError(
+            503,
+            f"no {role} server can take the request ({', '.join(reasons) or 'none configured'})",
+            "service_unavailable",
+        )
+
+    async def _give_up(self, stream: StreamRelay | None, err: HandoffError) -> web.StreamResponse:
+        spent = self.left() <= 0
+        note = (
+            f" (request budget of {self.settings.request_budget_s:g} s spent)"
+            if spent
+            else f" (tried: {', '.join(self.servers)})"
+        )
+        final = HandoffError(err.status, err.message + note, err.kind, **err.fields)
+        if stream is not None and stream.started:
+            self.log.error("request.stream_failed", error=final.message, rungs=self.rungs)
+            try:
+                return await stream.fail(final)
+            except ClientGone:
+                assert stream.response is not None
+                return stream.response
+        raise final
