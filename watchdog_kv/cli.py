@@ -228,6 +228,10 @@ def _service(args: argparse.Namespace, settings: config.Settings, demo: bool) ->
     from watchdog_kv.supervisor import PortInUseError, ServeOptions, run_service
     from watchdog_kv.supervisor.ports import free_port
 
+    problem = _topology_problem(args, demo)
+    if problem:
+        print(f"watchdog-kv: {problem}", file=sys.stderr)
+        return EXIT_USAGE
     try:
         model_path, served = _resolve_model(args, settings)
     except embedded.InvalidModelError as exc:
@@ -253,10 +257,6 @@ def _service(args: argparse.Namespace, settings: config.Settings, demo: bool) ->
         ray_address=args.ray_address,
         placement_timeout_s=args.placement_timeout,
     )
-    problem = _topology_problem(args, demo)
-    if problem:
-        print(f"watchdog-kv: {problem}", file=sys.stderr)
-        return EXIT_USAGE
     on_ready = None
     if demo:
         from watchdog_kv.demo import run_demo
