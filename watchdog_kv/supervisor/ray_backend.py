@@ -1,0 +1,685 @@
+"""The Ray backend: each vLLM server hosted by a Ray actor in its own placement group.
+
+``watchdog-kv serve --backend ray`` connects to a Ray cluster that already runs
+(``ray start --head`` on one machine, ``ray start --address=HEAD:PORT`` on the
+others); it never starts one. For each server, :class:`RayServer`:
+
+1. reserves a placement group of one bundle (``{"CPU": 1}`` unless told
+   otherwise, strategy ``STRICT_PACK``) named after the run directory and the
+   server, and waits at most ``placement_timeout_s`` for Ray to place it. A
+   bundle the cluster cannot hold in time is a :class:`PlacementTimeout` naming
+   the server, the bundle and what the cluster has free, and the placement group
+   is removed again;
+2. starts a :class:`ServerHost` actor inside that bundle (normal lifetime, no
+   Ray restarts: the supervisor owns the restart policy). On its node the actor
+   checks that the server's ports are free, then starts the stock vLLM OpenAI
+   server as a :class:`~watchdog_kv.supervisor.process.ManagedProcess` -- its
+   own process group, its log in ``<run_dir>/logs/<server>.log`` *on that node*
+   -- listening on the node's address, so :attr:`RayServer.url` is where the
+   server really answers.
+
+The supervisor sees a :class:`~watchdog_kv.supervisor.launch.ServerProcess`
+like any other. :meth:`RayServer.poll` never waits on Ray: a thread asks the
+actor every :data:`POLL_INTERVAL_S` for its server's exit code, the pids of the
+server's tree and the last log lines, and caches the answer. An actor that dies
+(killed, its node lost) reports :data:`ACTOR_LOST_EXIT_CODE` and the cause,
+shown by :meth:`RayServer.where` and at the end of :meth:`RayServer.tail`.
+
+Nothing outlives its host. The vLLM server is started with
+``PR_SET_PDEATHSIG=SIGTERM``, so when the actor's process dies -- even by
+SIGKILL -- the server gets SIGTERM and shuts its engine down. When the actor
+is gone, :meth:`RayServer.stop` also sends a small task to the same node that
+stops whatever is left of the tree it last saw (checked by pid *and* start
+time, so a reused pid is never hit). The actor shares the supervisor's fate:
+Ray ends it when the supervisor's connection ends. :meth:`RayServer.stop` then
+:meth:`RayServer.start` is a restart: a new placement group and a new actor,
+possibly on another node.
+
+The actor imports ``watchdog_kv`` and runs vLLM from the Python environment the
+Ray node was started with; no code is shipped through ``runtime_env``. The
+supervisor's ``WATCHDOG_KV_*``, ``VLLM_*``, ``UCX_*`` (and similar, see
+:data:`FORWARDED_ENV_PREFIXES`) variables are passed to the server.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from watchdog_kv.supervisor.core import StartupError
+from watchdog_kv.supervisor.ports import PortInUseError, check_free
+from watchdog_kv.supervisor.process import ManagedProcess
+from watchdog_kv.supervisor.servers import ServerSpec
+from watchdog_kv.telemetry import get_logger
+
+__all__ = [
+    "ACTOR_LOST_EXIT_CODE",
+    "DEFAULT_BUNDLE",
+    "FORWARDED_ENV_PREFIXES",
+    "POLL_INTERVAL_S",
+    "PlacementTimeout",
+    "RayBackendError",
+    "RayClusterUnreachable",
+    "RayServer",
+    "ServerHost",
+    "connect",
+]
+
+_log = get_logger("watchdog_kv.supervisor")
+
+DEFAULT_BUNDLE: Mapping[str, float] = {"CPU": 1.0}
+"""The resources reserved for one vLLM server (one placement-group bundle)."""
+
+ACTOR_LOST_EXIT_CODE = -9
+"""Exit code reported when the actor hosting a server died (its tree dies with it)."""
+
+POLL_INTERVAL_S = 0.5
+"""How often the background thread asks each actor for its server's state, seconds."""
+
+FORWARDED_ENV_PREFIXES = (
+    "WATCHDOG_KV_",
+    "VLLM_",
+    "UCX_",
+    "NIXL_",
+    "HF_",
+    "TRANSFORMERS_",
+    "OTEL_",
+)
+"""The supervisor's environment variables, by prefix, that reach the vLLM server."""
+
+_CALL_TIMEOUT_S = 10.0  # one answer from a live actor (poll, tail, stop's margin)
+_LAUNCH_TIMEOUT_S = 120.0  # the actor's worker process started and the server spawned
+_CONNECT_TIMEOUT_S = 5.0  # the TCP probe of the cluster's address before ray.init
+_TAIL_CACHED = 25  # log lines each poll brings back (what error messages quote)
+_NAMESPACE = "watchdog_kv"
+
+
+class RayBackendError(StartupError):
+    """A server could not be placed or started on the Ray cluster; the message says why."""
+
+
+class RayClusterUnreachable(RayBackendError):
+    def __init__(self, address: str, reason: str) -> None:
+        super().__init__(
+            f"no Ray cluster reachable at {address}: {reason}. The Ray backend connects to a "
+            "running cluster (`ray start --head` on the head node) and never starts one; "
+            "pass its address with --ray-address HOST:PORT or RAY_ADDRESS"
+        )
+        self.address = address
+
+
+class PlacementTimeout(RayBackendError):
+    def __init__(
+        self,
+        name: str,
+        bundle: Mapping[str, float],
+        timeout_s: float,
+        available: Mapping[str, float],
+        total: Mapping[str, float],
+    ) -> None:
+        super().__init__(
+            f"placement group for {name} ({_resources(bundle)}) not placed within "
+            f"{timeout_s:g} s; the cluster has {_resources(available)} available "
+            f"(of {_resources(total)} in total)"
+        )
+        self.name, self.bundle, self.timeout_s = name, dict(bundle), timeout_s
+        self.available = dict(available)
+
+
+def _resources(res: Mapping[str, float]) -> dict[str, float]:
+    """Resources as an operator reads them: no per-node markers, memory in GiB."""
+    out: dict[str, float] = {}
+    for key, value in sorted(res.items()):
+        if key.startswith("node:"):
+            continue
+        if key in ("memory", "object_store_memory"):
+            out[f"{key}_gib"] = round(value / 2**30, 1)
+        else:
+            out[key] = value
+    return out
+
+
+# -- connecting ------------------------------------------------------------------------
+_connect_lock = threading.Lock()
+
+
+def connect(address: str | None) -> None:
+    """Connect this process to the running Ray cluster at ``address`` (once per process).
+
+    ``None`` means ``"auto"``: ``RAY_ADDRESS``, else the cluster last started on
+    this machine. A process already connected (``ray.is_initialized()``) is left
+    as it is. Raises :class:`RayClusterUnreachable` instead of starting a
+    cluster or retrying for minutes.
+    """
+    try:
+        import ray
+    except ImportError as exc:
+        raise RayBackendError("the Ray backend needs Ray: pip install 'watchdog_kv[ray]'") from exc
+    with _connect_lock:
+        if ray.is_initialized():
+            return
+        target = _resolve_address(address or "auto")
+        # ray.init makes SIGTERM call sys.exit in the main thread; the supervisor
+        # drains and stops its servers on SIGTERM, so its handler is put back.
+        on_sigterm = signal.getsignal(signal.SIGTERM)
+        try:
+            ray.init(
+                address=target,
+                namespace=_NAMESPACE,
+                log_to_driver=False,  # each server's log is its own file
+                logging_level=logging.WARNING,
+            )
+        except Exception as exc:
+            raise RayClusterUnreachable(target, _first_line(exc)) from exc
+        finally:
+            if on_sigterm is not None and threading.current_thread() is threading.main_thread():
+                signal.signal(signal.SIGTERM, on_sigterm)
+        _log.info("ray.connected", address=target, resources=_resources(_free_and_total()[1]))
+
+
+def _resolve_address(address: str) -> str:
+    """``host:port`` of the cluster, checked to accept connections (``ray.init`` would
+    otherwise retry an unreachable address for minutes)."""
+    if "://" in address:  # ray:// (Ray Client) and the like: Ray's own checks apply
+        return address
+    try:
+        from ray._private.services import canonicalize_bootstrap_address_or_die
+    except ImportError:  # moved in some Ray release: let ray.init resolve it
+        return address
+    try:
+        target: str = canonicalize_bootstrap_address_or_die(address)
+    except (ConnectionError, ValueError) as exc:
+        raise RayClusterUnreachable(address, str(exc).splitlines()[0]) from exc
+    host, _, port = target.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), _CONNECT_TIMEOUT_S):
+            pass
+    except (OSError, ValueError) as exc:
+        raise RayClusterUnreachable(target, f"cannot connect: {exc}") from exc
+    return target
+
+
+# -- on the node: the actor ----------------------------------------------------------------
+class ServerHost:
+    """The actor's body: hosts one vLLM server's process tree on the actor's node.
+
+    Methods run on the actor's main thread, one at a time: the thread that
+    starts the server is the one whose death ``PR_SET_PDEATHSIG`` watches.
+    """
+
+    def __init__(self) -> None:
+        self._proc: ManagedProcess | None = None
+
+    def launch(
+        self, spec: ServerSpec, run_dir: Path, forwarded_env: Mapping[str, str]
+    ) -> dict[str, Any]:
+        """Start the server on this node's address; its placed spec and where it runs."""
+        import ray
+
+        node_ip: str = ray.util.get_node_ip_address()  # type: ignore[no-untyped-call]
+        placed = dataclasses.replace(spec, host=node_ip)
+        context = ray.get_runtime_context()
+        where: dict[str, Any] = {
+            "node_ip": node_ip,
+            "node_id": context.get_node_id(),
+            "actor_id": context.get_actor_id(),
+            "actor_pid": os.getpid(),
+        }
+        try:
+            check_free(node_ip, placed.port, f"{spec.name} HTTP")
+            check_free(node_ip, placed.side_channel_port, f"{spec.name} NIXL side channel")
+        except PortInUseError as exc:
+            return {**where, "error": str(exc)}
+        env = placed.env({**os.environ, **forwarded_env}, run_dir)
+        self._proc = ManagedProcess(
+            spec.name, placed.argv(), env, run_dir / "logs" / f"{spec.name}.log"
+        )
+        self._proc.start()
+        return {**where, "spec": placed, "pid": self._proc.pid}
+
+    def poll(self) -> dict[str, Any]:
+        """The server's exit code (None while it runs), its tree and its last log lines."""
+        if self._proc is None:
+            return {"code": None, "tree": [], "tail": []}
+        tree = []
+        for proc in self._proc.tree():
+            with contextlib.suppress(psutil.Error):
+                tree.append((proc.pid, proc.create_time()))
+        return {"code": self._proc.poll(), "tree": tree, "tail": self._proc.tail(_TAIL_CACHED)}
+
+    def tail(self, lines: int) -> list[str]:
+        return self._proc.tail(lines) if self._proc is not None else []
+
+    def stop(self, grace: float) -> tuple[list[int], int | None]:
+        """Stop the whole tree (SIGTERM, ``grace`` seconds, SIGKILL): the pids
+        killed and the server's exit code."""
+        if self._proc is None:
+            return [], None
+        killed = self._proc.stop(grace)
+        return killed, self._proc.poll()
+
+
+def _reap_tree(pgid: int, tree: list[tuple[int, float]], grace: float) -> list[int]:
+    """Stop what is left of a server's tree whose actor died; runs on that node.
+
+    Only processes still matching a recorded (pid, start time) are signalled,
+    and the process group only while one of them still leads or belongs to it.
+    """
+    procs: list[psutil.Process] = []
+    for pid, created in tree:
+        with contextlib.suppress(psutil.Error):
+            proc = psutil.Process(pid)
+            if abs(proc.create_time() - created) < 0.01:
+                procs.append(proc)
+
+    def live() -> list[psutil.Process]:
+        out = []
+        for proc in procs:
+            with contextlib.suppress(psutil.Error):
+                if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
+                    out.append(proc)
+        return out
+
+    def signal_all(sig: signal.Signals) -> None:
+        left = live()
+        if any(_pgid(p) == pgid for p in left):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pgid, sig)
+        for proc in left:
+            with contextlib.suppress(psutil.Error):
+                proc.send_signal(sig)
+
+    if not live():
+        return []
+    signal_all(signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while live() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    killed = [p.pid for p in live()]
+    if killed:
+        signal_all(signal.SIGKILL)
+    return killed
+
+
+def _pgid(proc: psutil.Process) -> int | None:
+    try:
+        return os.getpgid(proc.pid)
+    except OSError:
+        return None
+
+
+# -- in the supervisor ------------------------------------------------------------------------
+class RayServer:
+    """A vLLM server hosted by a Ray actor in its own placement group.
+
+    ``address`` is the cluster's (``None``: ``RAY_ADDRESS`` or the local one);
+    ``placement_timeout_s`` bounds the wait for the placement group, seconds;
+    ``bundle`` is the resources reserved for the server (default
+    :data:`DEFAULT_BUNDLE`).
+    """
+
+    def __init__(
+        self,
+        spec: ServerSpec,
+        run_dir: Path,
+        *,
+        address: str | None,
+        placement_timeout_s: float,
+        bundle: Mapping[str, float] | None = None,
+    ) -> None:
+        self.name = spec.name
+        self.spec = spec  # once placed: the spec as started, host = the node's address
+        self._planned = spec
+        self.run_dir = run_dir
+        self.address = address
+        self.placement_timeout_s = placement_timeout_s
+        self.bundle = dict(bundle if bundle is not None else DEFAULT_BUNDLE)
+        self._pg: Any = None  # ray.util.placement_group.PlacementGroup
+        self._actor: Any = None  # ray.actor.ActorHandle
+        self._where: dict[str, Any] = {}
+        self._pid: int | None = None
+        self._state = _Observed()
+        self._watch: _Watch | None = None
+        self._generation = 0
+
+    # -- ServerProcess -------------------------------------------------------------------
+    @property
+    def pid(self) -> int | None:
+        """The vLLM API server's pid on its node (the last one, once it is gone)."""
+        return self._pid
+
+    @property
+    def url(self) -> str:
+        return self.spec.url
+
+    @property
+    def log_path(self) -> Path:
+        """The server's log file, on the actor's node."""
+        return self.run_dir / "logs" / f"{self.name}.log"
+
+    def start(self) -> None:
+        """Place, start the actor, spawn the server; returns once it is spawned.
+
+        Blocks up to ``placement_timeout_s`` plus the actor's start-up. Raises
+        :class:`RayBackendError` (a ``StartupError``) with the placement group
+        and actor already cleaned up.
+        """
+        connect(self.address)
+        self._drop_actor()
+        self._state = _Observed()
+        if self._pg is None:
+            self._pg = self._place()
+        try:
+            self._launch()
+        except BaseException:
+            self._drop_actor()
+            self._remove_pg()
+            raise
+        self._watch = _Watch(self.name, self._actor, self._state)
+        self._watch.start()
+        _log.info(
+            "ray.server_started",
+            server=self.name,
+            url=self.url,
+            pid=self._pid,
+            **{k: v for k, v in self._where.items() if k != "backend"},
+        )
+
+    def poll(self) -> int | None:
+        """The server's exit code once it (or its actor) died, else None; never blocks."""
+        return self._state.code
+
+    def tail(self, lines: int = 20) -> list[str]:
+        """The server's last log lines, as of the last poll; a dead actor's cause last."""
+        with self._state.lock:
+            cached, cause = list(self._state.tail), self._state.cause
+        if lines > _TAIL_CACHED and self._actor is not None and cause is None:
+            with contextlib.suppress(Exception):
+                import ray
+
+                cached = ray.get(self._actor.tail.remote(lines), timeout=2.0)
+        out = cached[-lines:] if lines > 0 else []
+        if cause is not None:
+            out.append(f"[ray] {cause}")
+        return out
+
+    def stop(self, grace: float = 20.0) -> list[int]:
+        """Stop the tree through its actor (or a task on its node if the actor is gone),
+        then kill the actor and remove the placement group; the pids SIGKILLed.
+
+        Bounded: never waits longer than ``grace`` plus a few Ray round trips.
+        """
+        if self._watch is not None:
+            self._watch.halt()
+            self._watch = None
+        killed: list[int] = []
+        if self._actor is not None:
+            killed = self._stop_tree(grace)
+        self._drop_actor()
+        self._remove_pg()
+        return killed
+
+    def where(self) -> dict[str, Any]:
+        """Backend, node, actor and placement group, and why the actor died if it did."""
+        out: dict[str, Any] = {"backend": "ray", **self._where}
+        if self._pg is not None:
+            out["placement_group"] = self._pg.id.hex()
+        if self._state.cause is not None:
+            out["actor_died"] = self._state.cause
+        return out
+
+    # -- steps ---------------------------------------------------------------------------
+    def _pg_name(self) -> str:
+        return f"watchdog-kv:{self.run_dir.name}:{self.name}:{self._generation}"
+
+    def _place(self) -> Any:
+        import ray
+        from ray.util.placement_group import placement_group
+
+        self._generation += 1
+        began = time.monotonic()
+        pg = placement_group([self.bundle], strategy="STRICT_PACK", name=self._pg_name())
+        ready, _ = ray.wait([pg.ready()], timeout=self.placement_timeout_s)
+        if not ready:
+            error = PlacementTimeout(
+                self.name,
+                self.bundle,
+                self.placement_timeout_s,
+                *_free_and_total(),
+            )
+            with contextlib.suppress(Exception):
+                ray.util.remove_placement_group(pg)
+            raise error
+        _log.info(
+            "ray.placed",
+            server=self.name,
+            placement_group=pg.id.hex(),
+            bundle=self.bundle,
+            after_s=round(time.monotonic() - began, 2),
+        )
+        return pg
+
+    def _launch(self) -> None:
+        import ray
+        from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        custom = {k: v for k, v in self.bundle.items() if k not in ("CPU", "GPU", "memory")}
+        self._actor = (
+            _remote(ServerHost)
+            .options(
+                num_cpus=self.bundle.get("CPU", 0),
+                num_gpus=self.bundle.get("GPU", 0),
+                memory=self.bundle.get("memory"),
+                resources=custom or None,
+                max_restarts=0,  # the supervisor restarts servers, not Ray
+                max_task_retries=0,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    placement_group=self._pg, placement_group_bundle_index=0
+                ),
+            )
+            .remote()
+        )
+        forwarded = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES)}
+        try:
+            info = ray.get(
+                self._actor.launch.remote(self._planned, self.run_dir, forwarded),
+                timeout=_LAUNCH_TIMEOUT_S,
+            )
+        except GetTimeoutError:
+            raise RayBackendError(
+                f"the Ray actor for {self.name} did not start its server within "
+                f"{_LAUNCH_TIMEOUT_S:g} s"
+            ) from None
+        except RayActorError as exc:
+            raise RayBackendError(
+                f"the Ray actor for {self.name} died while starting: {_first_line(exc)}"
+            ) from exc
+        except RayTaskError as exc:
+            raise RayBackendError(
+                f"the Ray actor for {self.name} failed to start it: {_first_line(exc.cause)}"
+            ) from exc
+        self._where = {k: info[k] for k in ("node_ip", "node_id", "actor_id", "actor_pid")}
+        if "error" in info:
+            raise RayBackendError(
+                f"{self.name} cannot start on Ray node {info['node_ip']}: {info['error']}"
+            )
+        self.spec = info["spec"]
+        self._pid = info["pid"]
+
+    def _stop_tree(self, grace: float) -> list[int]:
+        import ray
+        from ray.exceptions import RayError
+
+        if self._state.cause is None:  # the actor was alive at the last poll
+            try:
+                killed, code = ray.get(
+                    self._actor.stop.remote(grace), timeout=grace + _CALL_TIMEOUT_S
+                )
+            except RayError as exc:
+                _log.warning("ray.stop_failed", server=self.name, error=_first_line(exc))
+            else:
+                with self._state.lock:
+                    if self._state.code is None:
+                        self._state.code = code if code is not None else -signal.SIGKILL
+                return list(killed)
+        killed = self._reap(grace)
+        with self._state.lock:
+            if self._state.code is None:
+                self._state.code = ACTOR_LOST_EXIT_CODE
+        return killed
+
+    def _reap(self, grace: float) -> list[int]:
+        """Stop the tree last seen from a task on its node (the actor can no longer)."""
+        import ray
+        from ray.exceptions import RayError
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        with self._state.lock:
+            tree = list(self._state.tree)
+        node_id = self._where.get("node_id")
+        if not tree or self._pid is None or node_id is None:
+            return []
+        task = _remote(_reap_tree).options(
+            num_cpus=0,
+            max_retries=0,
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
+        )
+        try:
+            killed: list[int] = ray.get(
+                task.remote(self._pid, tree, grace), timeout=grace + _LAUNCH_TIMEOUT_S
+            )
+        except RayError as exc:
+            _log.warning(
+                "ray.reap_failed",
+                server=self.name,
+                node_id=node_id,
+                pids=[pid for pid, _ in tree],
+                error=_first_line(exc),
+            )
+            return []
+        if killed:
+            _log.warning("ray.reaped", server=self.name, node_id=node_id, pids=killed)
+        return killed
+
+    def _drop_actor(self) -> None:
+        if self._watch is not None:
+            self._watch.halt()
+            self._watch = None
+        actor, self._actor = self._actor, None
+        if actor is not None:
+            import ray
+
+            with contextlib.suppress(Exception):
+                ray.kill(actor, no_restart=True)
+
+    def _remove_pg(self) -> None:
+        pg, self._pg = self._pg, None
+        if pg is not None:
+            import ray
+
+            with contextlib.suppress(Exception):
+                ray.util.remove_placement_group(pg)
+
+
+@dataclasses.dataclass
+class _Observed:
+    """What the watch thread last learned about one actor and its server."""
+
+    code: int | None = None
+    cause: str | None = None  # why the actor died, if it did
+    tree: list[tuple[int, float]] = dataclasses.field(default_factory=list)
+    tail: list[str] = dataclasses.field(default_factory=list)
+    lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+
+
+class _Watch(threading.Thread):
+    """Asks one actor for its server's state every :data:`POLL_INTERVAL_S`; caches it.
+
+    Stops once the server has exited or the actor has died (neither changes
+    again) or when halted.
+    """
+
+    def __init__(self, name: str, actor: Any, state: _Observed) -> None:
+        super().__init__(name=f"ray-watch-{name}", daemon=True)
+        self._server = name
+        self._actor = actor
+        self._state = state
+        self._halted = threading.Event()
+
+    def halt(self) -> None:
+        """Stop asking (an answer still in flight is dropped)."""
+        self._halted.set()
+
+    def run(self) -> None:
+        import ray
+        from ray.exceptions import (
+            ActorUnavailableError,
+            GetTimeoutError,
+            RayActorError,
+            RayError,
+        )
+
+        while not self._halted.is_set():
+            try:
+                reply = ray.get(self._actor.poll.remote(), timeout=_CALL_TIMEOUT_S)
+            except (GetTimeoutError, ActorUnavailableError):
+                reply = None  # busy or briefly unreachable: ask again
+            except RayActorError as exc:
+                self._actor_died(_first_line(exc))
+                return
+            except RayError as exc:
+                _log.warning("ray.poll_failed", server=self._server, error=_first_line(exc))
+                reply = None
+            if reply is not None:
+                with self._state.lock:
+                    self._state.tree = reply["tree"] or self._state.tree
+                    self._state.tail = reply["tail"]
+                    self._state.code = reply["code"]
+                if reply["code"] is not None:
+                    return
+            self._halted.wait(POLL_INTERVAL_S)
+
+    def _actor_died(self, cause: str) -> None:
+        if self._halted.is_set():
+            return  # stopped on purpose
+        with self._state.lock:
+            self._state.cause = f"the actor hosting {self._server} died: {cause}"
+            self._state.code = ACTOR_LOST_EXIT_CODE
+        _log.error("ray.actor_died", server=self._server, cause=cause)
+
+
+_remotes: dict[Any, Any] = {}
+
+
+def _remote(target: Any) -> Any:
+    """``ray.remote(target)``, made once per process."""
+    import ray
+
+    if target not in _remotes:
+        _remotes[target] = ray.remote(target)
+    return _remotes[target]
+
+
+def _free_and_total() -> tuple[dict[str, float], dict[str, float]]:
+    """The cluster's available and total resources."""
+    import ray
+
+    state: Any = ray
+    return dict(state.available_resources()), dict(state.cluster_resources())
+
+
+def _first_line(exc: BaseException | None) -> str:
+    text = str(exc).strip() if exc is not None else ""
+    return text.splitlines()[0] if text else type(exc).__name__
