@@ -160,7 +160,8 @@ def connect(address: str | None) -> None:
     ``None`` means ``"auto"``: ``RAY_ADDRESS``, else the cluster last started on
     this machine. A process already connected (``ray.is_initialized()``) is left
     as it is. Raises :class:`RayClusterUnreachable` instead of starting a
-    cluster or retrying for minutes.
+    cluster or retrying for minutes. The process's SIGTERM handling is left as
+    it was (``ray.init`` would replace it).
     """
     try:
         import ray
@@ -170,9 +171,13 @@ def connect(address: str | None) -> None:
         if ray.is_initialized():
             return
         target = _resolve_address(address or "auto")
-        # ray.init makes SIGTERM call sys.exit in the main thread; the supervisor
-        # drains and stops its servers on SIGTERM, so its handler is put back.
+        _keep_sigterm_quiet()
+        # ray.init makes SIGTERM call sys.exit when called on the main thread (and
+        # warns when not); the supervisor drains and stops its servers on SIGTERM,
+        # so its own handler is put back.
         on_sigterm = signal.getsignal(signal.SIGTERM)
+        worker_log = logging.getLogger("ray._private.worker")
+        worker_log.addFilter(_no_sigterm_warning)
         try:
             ray.init(
                 address=target,
@@ -183,9 +188,27 @@ def connect(address: str | None) -> None:
         except Exception as exc:
             raise RayClusterUnreachable(target, _first_line(exc)) from exc
         finally:
+            worker_log.removeFilter(_no_sigterm_warning)
             if on_sigterm is not None and threading.current_thread() is threading.main_thread():
                 signal.signal(signal.SIGTERM, on_sigterm)
         _log.info("ray.connected", address=target, resources=_resources(_free_and_total()[1]))
+
+
+def _keep_sigterm_quiet() -> None:
+    """No stack dump on SIGTERM: Ray's driver installs a C++ failure-signal handler
+    that prints one before passing the signal on, and a supervisor is stopped
+    with SIGTERM on purpose. An operator's ``RAY_DISABLE_FAILURE_SIGNAL_HANDLER``
+    wins."""
+    if "RAY_DISABLE_FAILURE_SIGNAL_HANDLER" in os.environ:
+        return
+    with contextlib.suppress(ImportError):
+        from ray._private import ray_constants
+
+        ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER = True
+
+
+def _no_sigterm_warning(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("SIGTERM handler is not set")
 
 
 def _resolve_address(address: str) -> str:
