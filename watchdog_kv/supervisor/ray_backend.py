@@ -401,6 +401,7 @@ class RayServer:
         connect(self.address)
         self._drop_actor()
         self._state = _Observed()
+        self._pid, self.spec = None, self._planned
         if self._pg is None:
             self._pg = self._place()
         try:
@@ -416,7 +417,7 @@ class RayServer:
             server=self.name,
             url=self.url,
             pid=self._pid,
-            **{k: v for k, v in self._where.items() if k != "backend"},
+            **self._where,
         )
 
     def poll(self) -> int | None:
