@@ -341,6 +341,8 @@ def test_server_on_an_actor_dies_with_it_and_starts_again(connected, model, tmp_
        time the API server is SIGSTOPped before its actor is SIGKILLed, so it
        cannot act on its SIGTERM (a wedged server): ``stop()`` stops what is
        left of the tree from a task on the node, SIGKILLing the API server.
+    3. Once more, and this time the API server itself is SIGKILLed: the actor
+       lives on and reports the exit code; ``stop()`` asks it to stop the rest.
     """
     from watchdog_kv.supervisor.ray_backend import ACTOR_LOST_EXIT_CODE, RayServer
 
@@ -350,8 +352,8 @@ def test_server_on_an_actor_dies_with_it_and_starts_again(connected, model, tmp_
     )
     tree: list[psutil.Process] = []
 
-    def serve_then_kill_actor(*, wedge: bool) -> tuple[dict, str]:
-        """Start, answer one prompt, SIGKILL the actor; where it ran and the answer."""
+    def serve() -> tuple[dict, str]:
+        """Start, answer one prompt, see the whole tree; where it runs and the answer."""
         nonlocal tree
         began = time.monotonic()
         server.start()
@@ -370,6 +372,11 @@ def test_server_on_an_actor_dies_with_it_and_starts_again(connected, model, tmp_
         wait_until(lambda: len(tree_of(server.pid)) >= 3, 30, "the engine's processes seen")
         time.sleep(2 * 0.5)  # two polls: the watch has seen the whole tree
         tree = tree_of(server.pid)
+        return where, answer
+
+    def serve_then_kill_actor(*, wedge: bool) -> tuple[dict, str]:
+        """Serve, then SIGKILL the actor; where it ran and the answer."""
+        where, answer = serve()
         if wedge:
             os.kill(server.pid, signal.SIGSTOP)
         os.kill(where["actor_pid"], signal.SIGKILL)
@@ -403,6 +410,19 @@ def test_server_on_an_actor_dies_with_it_and_starts_again(connected, model, tmp_
         print(f"stop(0.5) after a wedged server's actor died: {time.monotonic() - began:.1f} s")
         assert server.pid in killed
         wait_until(tree_gone, 10, "the wedged server's tree gone")
+
+        third, again = serve()
+        assert again == answer
+        os.kill(server.pid, signal.SIGKILL)
+        wait_until(lambda: server.poll() is not None, 10, "poll() reports the exit")
+        assert server.poll() == -signal.SIGKILL
+        assert "actor_died" not in server.where()
+        assert alive(third["actor_pid"])
+        began = time.monotonic()
+        server.stop(5.0)
+        print(f"stop(5) after the API server was SIGKILLed: {time.monotonic() - began:.1f} s")
+        wait_until(tree_gone, 10, "the rest of the tree gone")
+        wait_until(lambda: not alive(third["actor_pid"]), 10, "the actor ended (ray.kill)")
     finally:
         server.stop(5.0)
         for proc in tree:  # a failed assertion above must not leave vLLM running
