@@ -536,12 +536,15 @@ class Supervisor:
 
     def available(self, role: str) -> list[Backend]:
         """Servers of ``role`` that can take a request now: ready and, unless the stall
-        action is observe, not stalled."""
+        action is observe, not stalled. A data-parallel (plain) server with a stalled
+        rank stays available: its API server's guard sends new requests to the other
+        ranks, and refuses them at once when every rank is stalled."""
         out = []
         for srv in self.servers.values():
             if srv.spec.role != role or srv.state != "ready" or srv.proc.poll() is not None:
                 continue
-            if self.settings.stall_action != "observe" and self.stalls(srv.spec.name):
+            watched = self.settings.stall_action != "observe" and role != "plain"
+            if watched and self.stalls(srv.spec.name):
                 continue
             out.append(Backend(srv.spec.name, srv.proc.url, srv.starts))
         return out
