@@ -661,7 +661,7 @@ class _Watch(threading.Thread):
             except (GetTimeoutError, ActorUnavailableError):
                 reply = None  # busy or briefly unreachable: ask again
             except RayActorError as exc:
-                self._actor_died(_first_line(exc))
+                self._actor_died(_death_cause(exc))
                 return
             except RayError as exc:
                 _log.warning("ray.poll_failed", server=self._server, error=_first_line(exc))
@@ -702,6 +702,13 @@ def _free_and_total() -> tuple[dict[str, float], dict[str, float]]:
 
     state: Any = ray
     return dict(state.available_resources()), dict(state.cluster_resources())
+
+
+def _death_cause(exc: BaseException) -> str:
+    """Why Ray says an actor died, without its identity lines and generic advice."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip() and not ln[0].isspace()]
+    text = " ".join(lines[1:]) or (lines[0] if lines else type(exc).__name__)
+    return text.split(" Some common causes include")[0][:400]
 
 
 def _first_line(exc: BaseException | None) -> str:
