@@ -31,7 +31,7 @@ def demo(session: nox.Session) -> None:
 @nox.session
 def tests(session: nox.Session) -> None:
     """Unit and integration tests (the integration tests run real vLLM servers)."""
-    _install_cpu_stack(session, "test")
+    _install_cpu_stack(session, "test", "ray")  # the Ray backend's tests need a Ray cluster
     session.run("pytest", *(session.posargs or ["tests"]))
 
 
