@@ -49,6 +49,8 @@ from .conftest import (
     STARTUP_DEADLINE_S,
     alive,
     base_env,
+    cli,
+    events,
     free_port,
     http_json,
     requires_vllm,
@@ -530,16 +532,6 @@ def test_plugin_loads_in_vllms_own_ray_worker_actor(ray_cluster, model, tmp_path
     print(f"record in the Ray worker actor: role={record['role']} hooks={record['hooks']}")
 
 
-def serve_supports_ray() -> bool:
-    proc = subprocess.run(
-        [sys.executable, "-m", "watchdog_kv", "serve", "--help"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    return "--ray-address" in proc.stdout and "--placement-timeout" in proc.stdout
-
-
 @pytest.mark.vllm
 @requires_vllm
 def test_serve_on_ray_restarts_a_server_whose_actor_was_killed(ray_cluster, model, tmp_path):
@@ -551,8 +543,6 @@ def test_serve_on_ray_restarts_a_server_whose_actor_was_killed(ray_cluster, mode
     prompt gets the same answer. SIGTERM to the supervisor then stops the
     server's whole tree through its actor.
     """
-    if not serve_supports_ray():
-        pytest.skip("`watchdog-kv serve` has no --backend ray options yet")
     env = base_env(WATCHDOG_KV_CACHE_DIR=str(MODEL_CACHE))
     env.pop("RAY_ADDRESS", None)
     env.pop("VLLM_PLUGINS", None)
@@ -611,3 +601,50 @@ def test_serve_on_ray_restarts_a_server_whose_actor_was_killed(ray_cluster, mode
 
     if ray.is_initialized():
         assert our_placement_groups() == []
+
+
+@pytest.mark.vllm
+@requires_vllm
+def test_serve_on_ray_a_server_never_healthy_is_a_clear_error_within_the_deadline(
+    connected, model, tmp_path
+):
+    """``--startup-timeout 5`` on Ray: vLLM needs far longer to answer /health here, so
+    the service must give up after about 5 s with the error naming the server and its
+    log, and leave no placement group or reserved CPU behind."""
+    env = base_env(WATCHDOG_KV_CACHE_DIR=str(MODEL_CACHE))
+    env.pop("RAY_ADDRESS", None)
+    env.pop("VLLM_PLUGINS", None)
+    began = time.monotonic()
+    proc = subprocess.run(
+        cli(
+            "serve",
+            "--port",
+            str(free_port()),
+            "--run-dir",
+            str(tmp_path / "run"),
+            "--backend",
+            "ray",
+            "--ray-address",
+            connected.address,
+            "--prefill",
+            "0",
+            "--decode",
+            "1",
+            "--model",
+            str(model),
+            "--startup-timeout",
+            "5",
+        ),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    took = time.monotonic() - began
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    failed = [e for e in events(proc.stderr) if e["event"] == "service.startup_failed"]
+    assert failed, proc.stderr[-3000:]
+    assert "vLLM server decode-0 was not healthy within 5 s; last log lines" in failed[0]["error"]
+    assert took < 5 + 60, took  # placement, the deadline, and stopping through the actor
+    wait_until(lambda: not our_placement_groups(), 15, "our placement groups removed")
+    wait_all_cpus_free()
