@@ -233,12 +233,11 @@ class StreamRelay:
         if not self._head:
             self._head = {k: event.get(k) for k in ("id", "created", "model")}
         if continuing:
-            event = self._from_continuation(event)
-            if event is None:
-                return False
-        elif not self._record(event):
-            return False
-        await self._write(event)
+            rewritten = self._from_continuation(event)
+            if rewritten is not None:
+                await self._write(rewritten)
+        elif self._record(event):
+            await self._write(event)
         return False
 
     def _record(self, event: dict[str, Any]) -> bool:
