@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import signal
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from watchdog_kv.config import Settings
 from watchdog_kv.router import RouterServer
@@ -97,7 +98,7 @@ async def _forever() -> int:
 
 
 async def _race(
-    work: Awaitable[int | None], stop: asyncio.Event, exited: asyncio.Future[object] | None = None
+    work: Awaitable[int | None], stop: asyncio.Event, exited: asyncio.Future[Any] | None = None
 ) -> int | None:
     """Await ``work`` unless a stop signal or a server exit comes first.
 
@@ -106,7 +107,7 @@ async def _race(
     """
     task = asyncio.ensure_future(work)
     stopper = asyncio.ensure_future(stop.wait())
-    waiters: set[asyncio.Future[object]] = {task, stopper}
+    waiters: set[asyncio.Future[Any]] = {task, stopper}
     if exited is not None:
         waiters.add(exited)
     try:
