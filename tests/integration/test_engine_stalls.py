@@ -184,7 +184,8 @@ def test_heartbeat_stall_is_named_to_the_nixl_notification_send(service):
     armed = faults.arm(service.run_dir, "decode-0", "stall_notif")
     # vLLM sends a heartbeat at most every lease/6 (5 s): retry until one fired the fault
     for attempt in range(4):
-        code, body, elapsed = complete(service.url, f"Stall two: heartbeat {attempt}.")
+        code, body, _ = complete(service.url, f"Stall two: heartbeat {attempt}.")
+        answered_at = time.time()
         if not armed.exists():
             break
         assert code == 200, body
@@ -192,11 +193,16 @@ def test_heartbeat_stall_is_named_to_the_nixl_notification_send(service):
     assert not armed.exists(), "no heartbeat was sent in four hand-offs"
     assert code == 503, body
     assert "start_load_kv" in body["error"]["message"]
-    assert elapsed < STEP_FLOOR_S + DETECTION_SLACK_S
     assert stock_health(service, "decode-0") == 200
     stalls = new_stalls(service, before)
     connector = new_stalls(service, before, lambda s: s["phase"] == "connector")
     assert connector and connector[0]["what"] == "start_load_kv"
+    # the request was answered soon after the stall began (not when it ended, 20 s in);
+    # measured from the stall's start, not the request's: the hand-off before the
+    # heartbeat fired takes a varying while on a busy machine
+    stall = connector[0]  # detected_after_s leaves out the time it waited for a CPU
+    began = stall["detected_wall"] - stall["detected_after_s"] - stall.get("starved_s", 0.0)
+    assert answered_at - began < STEP_FLOOR_S + DETECTION_SLACK_S
     report("heartbeat send in start_load_kv", connector[0]["detected_after_s"])
 
     text = run_report(wait_incident(service, stalls[0]))

@@ -43,6 +43,8 @@ from watchdog_kv.router.stream import ClientGone, StreamRelay
 
 __all__ = ["Backends", "Ladder", "Recoveries"]
 
+_ANSWERED = ("upstream_unavailable", "upstream_error")  # an HTTP error status: it is alive
+
 
 class Backends(Protocol):
     """What the router needs to know about the servers (the supervisor answers)."""
@@ -200,8 +202,10 @@ class Ladder:
     ) -> Backend | None:
         """The next server of ``role``: preferably one that has not failed this request
         (a restarted server counts as new); else wait, within the budget, for one that
-        is starting or restarting. A server that failed once is tried once more, a
-        moment later (a process that has just died takes a moment to be seen dead)."""
+        is starting or restarting. A server that failed once is tried once more: at
+        once if it answered (a data-parallel server's guard sends the request to a
+        healthy rank), a moment later if it did not (a process that has just died
+        takes a moment to be seen dead)."""
         while self.left() > 0:
             found = self.recoveries.rotate(role, self.backends.available(role))
             if not found:
@@ -216,7 +220,9 @@ class Ladder:
             again = [b for b in found if failed.count(b) < 2]
             if not again:
                 break
-            await asyncio.sleep(min(1.0, max(0.0, self.left())))
+            if last.kind in _ANSWERED:
+                return again[0]
+            await asyncio.sleep(min(0.5, max(0.0, self.left())))
             if again[0] in self.backends.available(role):
                 return again[0]
         if last is None:
