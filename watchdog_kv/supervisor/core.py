@@ -39,7 +39,6 @@ from tenacity import (
     RetryCallState,
     retry_if_exception_type,
     stop_after_attempt,
-    wait_exponential,
 )
 
 from watchdog_kv import process as procrecords
@@ -374,17 +373,20 @@ class Supervisor:
                 next_in_s=round(state.upcoming_sleep, 1),
             )
 
+        # one doubling backoff over the whole row: the wait before a restart follows
+        # the number of restarts already in the row, in this call or earlier ones
+        def row_backoff(_: RetryCallState | None = None) -> float:
+            return min(60.0, self.settings.restart_backoff_s * 2.0 ** (srv.streak - 1))
+
         retrying = AsyncRetrying(
             stop=stop_after_attempt(limit - srv.streak),
-            wait=wait_exponential(
-                multiplier=self.settings.restart_backoff_s * 2**srv.streak, max=60
-            ),
+            wait=row_backoff,
             retry=retry_if_exception_type(StartupError),
             before_sleep=failed_attempt,
             reraise=True,
         )
         if srv.streak:  # restarted before and failed again soon after: back off first
-            await asyncio.sleep(min(60.0, self.settings.restart_backoff_s * 2 ** (srv.streak - 1)))
+            await asyncio.sleep(row_backoff())
         try:
             async for attempt in retrying:
                 with attempt:
