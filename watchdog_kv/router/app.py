@@ -143,7 +143,7 @@ def build_app(backends: Backends, settings: Settings) -> web.Application:
     async def models(request: web.Request) -> web.Response:
         if not backends.ready():
             return error_response(503, "servers are not ready", "service_unavailable")
-        found = backends.available("plain" if backends.plain() else "decode")
+        found = backends.available(backends.serving_role())
         if not found:
             return error_response(503, "no decode server is available", "service_unavailable")
         decode = found[0]
@@ -163,8 +163,8 @@ def build_app(backends: Backends, settings: Settings) -> web.Application:
         detail = backends.health()
         states = {n: h["state"] for n, h in detail.items()}
         failing = _unhealthy(detail, ("live", "ready", "progressing"))
-        serving = "plain" if backends.plain() else "decode"
-        ok = backends.ready() and bool(backends.available(serving)) and not traffic.draining
+        serving = backends.available(backends.serving_role())
+        ok = backends.ready() and bool(serving) and not traffic.draining
         status = "draining" if traffic.draining else "unavailable"
         if ok:
             status = "degraded" if failing else "ok"

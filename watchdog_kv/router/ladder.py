@@ -55,7 +55,7 @@ class Backends(Protocol):
     async def wait_available(self, role: str, timeout_s: float) -> list[Backend]: ...
     def status(self) -> dict[str, Any]: ...
     def health(self) -> dict[str, Any]: ...
-    def plain(self) -> bool: ...
+    def serving_role(self) -> str: ...
 
 
 class Recoveries:
@@ -105,7 +105,7 @@ class Ladder:
 
     async def run(self) -> web.StreamResponse:
         params = None
-        role = "plain" if self.backends.plain() else "decode"
+        role = self.backends.serving_role()
         if "prefill" in self.backends.roles():
             params = await self._prefill()
         return await self._decode(role, params)
@@ -213,10 +213,8 @@ class Ladder:
             fresh = [b for b in found if b not in failed]
             if fresh:
                 return fresh[0]
-            if not found:
+            if not found or last is None:  # nothing available, or nothing failed yet
                 break
-            if last is None:
-                return found[0]
             again = [b for b in found if failed.count(b) < 2]
             if not again:
                 break

@@ -193,12 +193,7 @@ class StreamRelay:
             except TimeoutError:
                 raise silent("decode", backend, idle_s) from None
             except (aiohttp.ClientError, ValueError) as exc:
-                raise HandoffError(
-                    502,
-                    f"decode server {backend.name} failed mid-stream: {exc or type(exc).__name__}",
-                    "decode_failed",
-                    server=backend.name,
-                ) from None
+                raise _failed_mid_stream(backend, exc or type(exc).__name__) from None
         if self._finished:  # everything came but the closing [DONE]
             return await self._end()
         raise HandoffError(
@@ -219,12 +214,8 @@ class StreamRelay:
         """Send one upstream event on; True when it ended the stream."""
         if "error" in event and not event.get("choices"):
             error = event["error"] if isinstance(event["error"], dict) else {}
-            err = HandoffError(
-                int(error.get("code") or 500),
-                f"decode server {backend.name} failed mid-stream: "
-                f"{error.get('message') or event['error']}",
-                "decode_failed",
-                server=backend.name,
+            err = _failed_mid_stream(
+                backend, error.get("message") or event["error"], int(error.get("code") or 500)
             )
             if retryable(err):
                 raise err
@@ -263,7 +254,7 @@ class StreamRelay:
                     if key in choice:
                         choice[key] = None
         if self.chat and choices:
-            self._template = copy.deepcopy(event)
+            self._template = event  # not changed after this; copied only when used
             if not self.client_ids and all(_empty_delta(c) for c in choices):
                 return False  # sent by vLLM only because token ids were asked for
         return True
@@ -379,6 +370,15 @@ class StreamRelay:
         except ConnectionResetError:
             raise ClientGone from None
         return self.response
+
+
+def _failed_mid_stream(backend: Backend, detail: object, status: int = 502) -> HandoffError:
+    return HandoffError(
+        status,
+        f"decode server {backend.name} failed mid-stream: {detail}",
+        "decode_failed",
+        server=backend.name,
+    )
 
 
 def _empty_delta(choice: dict[str, Any]) -> bool:

@@ -573,9 +573,10 @@ class Supervisor:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), min(left, 0.5))
 
-    def plain(self) -> bool:
-        """A data-parallel deployment without prefill/decode hand-off."""
-        return "plain" in self.roles()
+    def serving_role(self) -> str:
+        """The role that answers clients: "plain" (a data-parallel deployment without
+        hand-off) or "decode"."""
+        return "plain" if "plain" in self.roles() else "decode"
 
     def ready(self) -> bool:
         """Start-up is done and at least one server able to answer clients is ready."""
