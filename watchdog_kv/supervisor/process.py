@@ -25,7 +25,7 @@ from pathlib import Path
 
 import psutil
 
-__all__ = ["ManagedProcess"]
+__all__ = ["ManagedProcess", "alive", "stop_processes"]
 
 _PR_SET_PDEATHSIG = 1
 
@@ -83,7 +83,7 @@ class ManagedProcess:
             found = []
         for proc in found:
             self._known.setdefault(proc.pid, proc)
-        return [p for p in self._known.values() if _alive(p)]
+        return [p for p in self._known.values() if alive(p)]
 
     def tail(self, lines: int = 20) -> list[str]:
         try:
@@ -96,33 +96,51 @@ class ManagedProcess:
         """Stop the whole tree; return the pids that had to be SIGKILLed."""
         if self._popen is None:
             return []
-        procs = self.tree()
-        pgid = self._popen.pid  # session leader: its pid is the group id
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pgid, signal.SIGTERM)
-        for proc in procs:  # descendants that left the group, if any
-            with contextlib.suppress(psutil.Error):
-                proc.terminate()
-        deadline = time.monotonic() + grace
-        while time.monotonic() < deadline:
-            self._popen.poll()
-            if not any(_alive(p) for p in procs):
-                break
-            time.sleep(0.1)
-        killed: list[int] = []
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pgid, signal.SIGKILL)
-        for proc in procs:
-            if _alive(proc):
-                killed.append(proc.pid)
-                with contextlib.suppress(psutil.Error):
-                    proc.kill()
+        # session leader: its pid is the group id, and ours until we reap it
+        killed = stop_processes(self._popen.pid, self.tree(), grace, group_is_ours=True)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self._popen.wait(timeout=5)
         return killed
 
 
-def _alive(proc: psutil.Process) -> bool:
+def stop_processes(
+    pgid: int, procs: list[psutil.Process], grace: float, *, group_is_ours: bool
+) -> list[int]:
+    """SIGTERM the process group ``pgid`` and each of ``procs`` (descendants that
+    left the group too), wait up to ``grace`` seconds for all of them, then
+    SIGKILL what is left; return the pids that had to be SIGKILLed.
+
+    ``group_is_ours=False`` (the group's leader was not our child, so its pid may
+    have been reused): the group is signalled only while one of ``procs`` is
+    still in it.
+    """
+
+    def signal_all(sig: signal.Signals, left: list[psutil.Process]) -> None:
+        if group_is_ours or any(_pgid(p) == pgid for p in left):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pgid, sig)
+        for proc in left:
+            with contextlib.suppress(psutil.Error):
+                proc.send_signal(sig)
+
+    signal_all(signal.SIGTERM, [p for p in procs if alive(p)])
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and any(alive(p) for p in procs):
+        time.sleep(0.1)
+    left = [p for p in procs if alive(p)]
+    if group_is_ours or left:
+        signal_all(signal.SIGKILL, left)
+    return [p.pid for p in left]
+
+
+def _pgid(proc: psutil.Process) -> int | None:
+    try:
+        return os.getpgid(proc.pid)
+    except OSError:
+        return None
+
+
+def alive(proc: psutil.Process) -> bool:
     """Running and not a zombie (a zombie has exited; only its parent's wait is owed)."""
     try:
         return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE

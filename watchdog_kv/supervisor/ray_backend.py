@@ -59,7 +59,7 @@ import psutil
 
 from watchdog_kv.supervisor.core import StartupError
 from watchdog_kv.supervisor.ports import PortInUseError, check_free
-from watchdog_kv.supervisor.process import ManagedProcess
+from watchdog_kv.supervisor.process import ManagedProcess, stop_processes
 from watchdog_kv.supervisor.servers import ServerSpec
 from watchdog_kv.telemetry import get_logger
 
@@ -305,41 +305,7 @@ def _reap_tree(pgid: int, tree: list[tuple[int, float]], grace: float) -> list[i
             proc = psutil.Process(pid)
             if abs(proc.create_time() - created) < 0.01:
                 procs.append(proc)
-
-    def live() -> list[psutil.Process]:
-        out = []
-        for proc in procs:
-            with contextlib.suppress(psutil.Error):
-                if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
-                    out.append(proc)
-        return out
-
-    def signal_all(sig: signal.Signals) -> None:
-        left = live()
-        if any(_pgid(p) == pgid for p in left):
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(pgid, sig)
-        for proc in left:
-            with contextlib.suppress(psutil.Error):
-                proc.send_signal(sig)
-
-    if not live():
-        return []
-    signal_all(signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    while live() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    killed = [p.pid for p in live()]
-    if killed:
-        signal_all(signal.SIGKILL)
-    return killed
-
-
-def _pgid(proc: psutil.Process) -> int | None:
-    try:
-        return os.getpgid(proc.pid)
-    except OSError:
-        return None
+    return stop_processes(pgid, procs, grace, group_is_ours=False)
 
 
 # -- in the supervisor ------------------------------------------------------------------------
