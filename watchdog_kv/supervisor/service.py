@@ -68,7 +68,7 @@ async def run_service(
         if code == EXIT_INTERRUPTED:
             supervisor.draining = True
             await router.drain(settings.drain_timeout_s)
-        elif code == EXIT_FAILED:
+        elif failed.done() and not failed.cancelled():  # not the demo's own failure
             _log.error(
                 "service.failed",
                 reason="no server able to answer is left",
