@@ -532,6 +532,16 @@ def test_plugin_loads_in_vllms_own_ray_worker_actor(ray_cluster, model, tmp_path
     print(f"record in the Ray worker actor: role={record['role']} hooks={record['hooks']}")
 
 
+def one_decode_on_ray(address: str, model: Path) -> tuple[dict[str, str], list[str]]:
+    """The environment and ``serve`` arguments of one decode server on the cluster
+    at ``address`` (no prefill: the decode computes its prompts)."""
+    env = base_env(WATCHDOG_KV_CACHE_DIR=str(MODEL_CACHE))
+    env.pop("RAY_ADDRESS", None)
+    env.pop("VLLM_PLUGINS", None)
+    args = ["--backend", "ray", "--ray-address", address, "--prefill", "0", "--decode", "1"]
+    return env, [*args, "--model", str(model)]
+
+
 @pytest.mark.vllm
 @requires_vllm
 def test_serve_on_ray_restarts_a_server_whose_actor_was_killed(ray_cluster, model, tmp_path):
@@ -543,29 +553,12 @@ def test_serve_on_ray_restarts_a_server_whose_actor_was_killed(ray_cluster, mode
     prompt gets the same answer. SIGTERM to the supervisor then stops the
     server's whole tree through its actor.
     """
-    env = base_env(WATCHDOG_KV_CACHE_DIR=str(MODEL_CACHE))
-    env.pop("RAY_ADDRESS", None)
-    env.pop("VLLM_PLUGINS", None)
+    env, args = one_decode_on_ray(ray_cluster.address, model)
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     began = time.monotonic()
     svc = start_service(
-        run_dir,
-        env,
-        "--backend",
-        "ray",
-        "--ray-address",
-        ray_cluster.address,
-        "--placement-timeout",
-        "60",
-        "--prefill",
-        "0",
-        "--decode",
-        "1",
-        "--model",
-        str(model),
-        "--served-model-name",
-        "tiny",
+        run_dir, env, *args, "--placement-timeout", "60", "--served-model-name", "tiny"
     )
     print(f"service ready after {time.monotonic() - began:.1f} s")
     try:
@@ -581,9 +574,7 @@ def test_serve_on_ray_restarts_a_server_whose_actor_was_killed(ray_cluster, mode
 
         def back() -> bool:
             state = svc.status()["servers"]["decode-0"]
-            restarts = state["restarts"]
-            count = len(restarts) if isinstance(restarts, list) else restarts
-            return count == 1 and state["state"] == "ready"
+            return len(state["restarts"]) == 1 and state["state"] == "ready"
 
         wait_until(back, STARTUP_DEADLINE_S, "decode-0 restarted and ready", poll_s=1.0)
         print(f"restarted and ready {time.monotonic() - began:.1f} s after the kill")
@@ -611,9 +602,7 @@ def test_serve_on_ray_a_server_never_healthy_is_a_clear_error_within_the_deadlin
     """``--startup-timeout 5`` on Ray: vLLM needs far longer to answer /health here, so
     the service must give up after about 5 s with the error naming the server and its
     log, and leave no placement group or reserved CPU behind."""
-    env = base_env(WATCHDOG_KV_CACHE_DIR=str(MODEL_CACHE))
-    env.pop("RAY_ADDRESS", None)
-    env.pop("VLLM_PLUGINS", None)
+    env, args = one_decode_on_ray(connected.address, model)
     began = time.monotonic()
     proc = subprocess.run(
         cli(
@@ -622,16 +611,7 @@ def test_serve_on_ray_a_server_never_healthy_is_a_clear_error_within_the_deadlin
             str(free_port()),
             "--run-dir",
             str(tmp_path / "run"),
-            "--backend",
-            "ray",
-            "--ray-address",
-            connected.address,
-            "--prefill",
-            "0",
-            "--decode",
-            "1",
-            "--model",
-            str(model),
+            *args,
             "--startup-timeout",
             "5",
         ),
