@@ -224,16 +224,17 @@ def test_drain_finishes_in_flight_requests_and_refuses_new_ones(resilient):
     thread.start()
     assert started.wait(60)
     svc.proc.send_signal(signal.SIGTERM)
+    # The signal is handled asynchronously: a request sent before the router took it
+    # would be in flight (and served). Wait until the router says it drains.
     deadline = time.monotonic() + 10
-    while True:  # new requests are refused while the stream finishes
-        code, answer = http_json(
-            f"{svc.url}/v1/completions", {"model": MODEL, "prompt": "late", "max_tokens": 2}
-        )
-        if code == 503:
-            break
-        assert time.monotonic() < deadline, (code, answer)
-        time.sleep(0.2)
-    assert answer["error"]["type"] == "service_draining"
+    while http_json(f"{svc.url}/health")[1].get("status") != "draining":
+        assert time.monotonic() < deadline, "the router never started draining"
+        time.sleep(0.05)
+    # new requests are refused while the stream finishes
+    code, answer = http_json(
+        f"{svc.url}/v1/completions", {"model": MODEL, "prompt": "late", "max_tokens": 2}
+    )
+    assert code == 503 and answer["error"]["type"] == "service_draining", (code, answer)
     thread.join(120)
     assert not thread.is_alive()
     got = result["events"]
