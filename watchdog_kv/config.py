@@ -27,12 +27,15 @@ from typing import Any
 from watchdog_kv.faults import FaultPlan, parse_faults
 
 __all__ = [
+    "OTEL_PROTOCOLS",
     "PREFIX",
     "VARIABLES",
     "ConfigError",
+    "OtelSettings",
     "Settings",
     "Variable",
     "load",
+    "load_otel",
     "markdown_table",
     "positive_seconds",
 ]
@@ -451,6 +454,27 @@ VARIABLES: tuple[Variable, ...] = (
         "(stacks, beacons, flight recorders); read them with watchdog-kv report.",
     ),
     Variable(
+        name="WATCHDOG_KV_TRACE_TEXT",
+        attr="trace_text",
+        parse=_parse_bool,
+        default=lambda: False,
+        default_doc="false",
+        accepted="true, false (also 1/0, yes/no, on/off)",
+        doc="Record prompt and output text on the router's request spans "
+        "(docs/tracing.md). Off: spans carry sizes and token counts, never text.",
+    ),
+    Variable(
+        name="WATCHDOG_KV_VLLM_TRACES",
+        attr="vllm_traces",
+        parse=_parse_bool,
+        default=lambda: True,
+        default_doc="true",
+        accepted="true, false (also 1/0, yes/no, on/off)",
+        doc="Supervisor: when tracing is on (an OTLP endpoint is set), start each vLLM "
+        "server with --otlp-traces-endpoint too, so vLLM's own request spans join the "
+        "router's traces.",
+    ),
+    Variable(
         name="WATCHDOG_KV_FAULT",
         attr="fault",
         parse=_faults,
@@ -473,6 +497,124 @@ VARIABLES: tuple[Variable, ...] = (
 )
 
 _BY_NAME = {v.name: v for v in VARIABLES}
+
+
+# --- the standard OpenTelemetry variables -------------------------------------------------
+# The SDK and its OTLP exporters read these themselves (endpoint, headers, timeouts,
+# batch sizes, sampler); they are checked here so that a bad value stops start-up with
+# its name and what is accepted, instead of being ignored with a warning by the SDK.
+
+OTEL_PROTOCOLS = ("grpc", "http/protobuf")
+OTEL_SAMPLERS = (
+    "always_on",
+    "always_off",
+    "traceidratio",
+    "parentbased_always_on",
+    "parentbased_always_off",
+    "parentbased_traceidratio",
+)
+OTEL_EXPORTERS = ("otlp", "console", "none")
+
+
+@dataclass(frozen=True)
+class OtelSettings:
+    """What watchdog_kv needs to know of the ``OTEL_*`` variables."""
+
+    exporter: str = "none"  # otlp, console or none (tracing off)
+    protocol: str = "grpc"
+    endpoint: str | None = None  # the traces endpoint, as the exporter will use it
+    service_name: str = "watchdog-kv"
+
+    @property
+    def enabled(self) -> bool:
+        return self.exporter != "none"
+
+
+def _otel_error(name: str, raw: str, why: str, accepted: str) -> ConfigError:
+    return ConfigError(f"{name}={raw!r} is not valid: {why}. Accepted: {accepted}.")
+
+
+def load_otel(env: Mapping[str, str]) -> OtelSettings:
+    """Check the ``OTEL_*`` variables watchdog_kv and the SDK act on.
+
+    Tracing is on when an OTLP endpoint is set (``OTEL_EXPORTER_OTLP_ENDPOINT`` or
+    ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT``) or ``OTEL_TRACES_EXPORTER=console``, and
+    neither ``OTEL_SDK_DISABLED=true`` nor ``OTEL_TRACES_EXPORTER=none`` says otherwise.
+    """
+    disabled = env.get("OTEL_SDK_DISABLED", "false").strip().lower()
+    if disabled not in ("true", "false", ""):
+        raise _otel_error("OTEL_SDK_DISABLED", disabled, "expected true or false", "true, false")
+    raw_exporter = env.get("OTEL_TRACES_EXPORTER", "").strip().lower()
+    exporters = [e.strip() for e in raw_exporter.split(",") if e.strip()]
+    for e in exporters:
+        if e not in OTEL_EXPORTERS:
+            raise _otel_error(
+                "OTEL_TRACES_EXPORTER",
+                raw_exporter,
+                f"{e!r} is not an exporter watchdog_kv ships",
+                ", ".join(OTEL_EXPORTERS),
+            )
+    if len(exporters) > 1:
+        raise _otel_error(
+            "OTEL_TRACES_EXPORTER",
+            raw_exporter,
+            "one exporter at a time",
+            ", ".join(OTEL_EXPORTERS),
+        )
+    protocol_var = (
+        "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"
+        if env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+        else "OTEL_EXPORTER_OTLP_PROTOCOL"
+    )
+    protocol = env.get(protocol_var, "grpc").strip().lower() or "grpc"
+    if protocol not in OTEL_PROTOCOLS:
+        raise _otel_error(
+            protocol_var,
+            protocol,
+            "the Python OTLP exporters speak gRPC and HTTP with protobuf",
+            ", ".join(OTEL_PROTOCOLS),
+        )
+    traces = env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "").strip()
+    general = env.get("OTEL_EXPORTER_OTLP_ENDPOINT", "").strip()
+    for name, value in (
+        ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", traces),
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", general),
+    ):
+        if value and "://" not in value and protocol != "grpc":
+            raise _otel_error(
+                name, value, "an HTTP endpoint needs its scheme", "a URL such as http://host:4318"
+            )
+    endpoint = traces or None
+    if endpoint is None and general:
+        # The specification's rule: a signal path is added to the general endpoint for HTTP.
+        endpoint = general.rstrip("/") + "/v1/traces" if protocol == "http/protobuf" else general
+    sampler = env.get("OTEL_TRACES_SAMPLER", "").strip().lower()
+    if sampler and sampler not in OTEL_SAMPLERS:
+        raise _otel_error(
+            "OTEL_TRACES_SAMPLER", sampler, "not a built-in sampler", ", ".join(OTEL_SAMPLERS)
+        )
+    arg = env.get("OTEL_TRACES_SAMPLER_ARG", "").strip()
+    if arg and sampler.endswith("traceidratio"):
+        try:
+            ratio = float(arg)
+        except ValueError:
+            ratio = -1.0
+        if not 0.0 <= ratio <= 1.0:
+            raise _otel_error("OTEL_TRACES_SAMPLER_ARG", arg, "not a ratio", "a number from 0 to 1")
+    headers = env.get("OTEL_EXPORTER_OTLP_HEADERS", "").strip()
+    for item in filter(None, (h.strip() for h in headers.split(","))):
+        if "=" not in item or not item.split("=", 1)[0].strip():
+            raise _otel_error(
+                "OTEL_EXPORTER_OTLP_HEADERS",
+                headers,
+                f"{item!r} is not key=value",
+                "comma-separated key=value pairs (values URL-encoded)",
+            )
+    exporter = exporters[0] if exporters else ("otlp" if endpoint else "none")
+    if disabled == "true" or (exporter == "otlp" and not endpoint):
+        exporter = "none"
+    service = env.get("OTEL_SERVICE_NAME", "").strip() or "watchdog-kv"
+    return OtelSettings(exporter, protocol, endpoint, service)
 
 
 @dataclass(frozen=True)
@@ -507,8 +649,11 @@ class Settings:
     restart_backoff_s: float = 2.0
     monitor_interval_s: float = 0.25
     dump_dir: Path | None = None
+    trace_text: bool = False
+    vllm_traces: bool = True
     fault: FaultPlan = field(default_factory=FaultPlan)
     fault_seed: int = 0
+    otel: OtelSettings = field(default_factory=lambda: OtelSettings())
 
     @property
     def dumps(self) -> Path:
@@ -555,6 +700,7 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
             f"WATCHDOG_KV_STEP_SLACK={values['step_slack']:g} is not valid: a deadline below "
             "the longest step seen would flag healthy steps. Accepted: a number, 1 or more."
         )
+    values["otel"] = load_otel(env)
     return Settings(**values)
 
 
