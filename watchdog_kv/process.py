@@ -80,6 +80,7 @@ class StatusRecord:
     server: str | None
     hooks: list[str] = field(default_factory=list)
     kv: dict[str, Any] | None = None  # the KV-transfer watch of this process, if any
+    metrics: dict[str, Any] | None = None  # counters and histograms (telemetry.metrics)
     registered_at: float = field(default_factory=time.time)
     vllm_version: str | None = None
     watchdog_kv_version: str | None = None

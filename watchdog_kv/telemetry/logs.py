@@ -20,7 +20,14 @@ from typing import Any, TextIO
 
 import structlog
 
-__all__ = ["bind_process", "configure", "get_logger", "process_fields", "set_recorder"]
+__all__ = [
+    "bind_process",
+    "configure",
+    "get_logger",
+    "process_fields",
+    "set_recorder",
+    "set_trace_lookup",
+]
 
 _LEVELS = {
     "debug": logging.DEBUG,
@@ -33,6 +40,25 @@ _lock = threading.Lock()
 _state: dict[str, Any] = {"level": logging.INFO, "format": "auto", "stream": None, "generation": 0}
 _process: dict[str, Any] = {}
 _recorder: list[Any] = [None]  # the flight recorder sink of this process, if any
+_trace_lookup: list[Any] = [None]  # event -> (trace_id, span_id) or None, once tracing is on
+
+
+def set_trace_lookup(lookup: Any) -> None:
+    """Join events to traces: ``lookup(event)`` gives the ``(trace_id, span_id)`` of the
+    span an event belongs to (the current span, or the open span of its request)."""
+    _trace_lookup[0] = lookup
+
+
+def _add_trace(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
+    lookup = _trace_lookup[0]
+    if lookup is not None and "trace_id" not in event:
+        try:
+            found = lookup(event)
+        except Exception:
+            found = None
+        if found is not None:
+            event["trace_id"], event["span_id"] = found
+    return event
 
 
 def set_recorder(sink: Any) -> None:
@@ -106,6 +132,7 @@ class _Logger:
                 processors=[
                     structlog.processors.add_log_level,
                     structlog.processors.TimeStamper(fmt="iso", utc=True),
+                    _add_trace,
                     _record,
                     _add_process,
                     structlog.processors.StackInfoRenderer(),
