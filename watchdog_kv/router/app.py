@@ -11,6 +11,8 @@
 ``GET /watchdog/health``    live / ready / progressing per server, told apart, with
                             the stalls seen; 503 if any server fails a check;
                             ``?probe=live|ready|progress`` checks one
+``GET /metrics``            Prometheus: deadline misses, recoveries by kind, KV transfer
+                            and engine step durations (``docs/tracing.md``)
 ``GET /watchdog/status``    servers (pid, state, url, log, restarts and their causes),
                             the router's recoveries by rung, and the status records
                             of every vLLM process that registered watchdog_kv
@@ -23,6 +25,7 @@ requests in flight run to their end, up to ``WATCHDOG_KV_DRAIN_TIMEOUT``.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 from collections.abc import Callable
@@ -30,13 +33,16 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from watchdog_kv.config import Settings
 from watchdog_kv.router.handoff import HandoffError, error_response, validate_body
 from watchdog_kv.router.ladder import Backends, Ladder, Recoveries
-from watchdog_kv.telemetry import get_logger
+from watchdog_kv.router.spans import InFlight, RequestTrace, cause_of
+from watchdog_kv.telemetry import get_logger, tracing
+from watchdog_kv.telemetry.metrics import ServiceCollector
 
-__all__ = ["Backends", "RouterServer", "build_app"]
+__all__ = ["INFLIGHT", "Backends", "RouterServer", "build_app"]
 
 _log = get_logger("watchdog_kv.router")
 _HTTP = web.AppKey("http", aiohttp.ClientSession)
@@ -76,12 +82,29 @@ class _Traffic:
 
 _TRAFFIC = web.AppKey("traffic", _Traffic)
 _RECOVERIES = web.AppKey("recoveries", Recoveries)
+INFLIGHT = web.AppKey("inflight", InFlight)
+
+
+def _text_of(response: web.StreamResponse) -> str | None:
+    """The generated text of a whole (non-streamed) OpenAI answer, for the trace."""
+    body = getattr(response, "body", None)
+    if not isinstance(body, bytes):
+        return None
+    try:
+        choice = json.loads(body)["choices"][0]
+    except (ValueError, KeyError, IndexError, TypeError):
+        return None
+    text = choice.get("text")
+    if text is None:
+        text = (choice.get("message") or {}).get("content")
+    return text if isinstance(text, str) else None
 
 
 def build_app(backends: Backends, settings: Settings) -> web.Application:
     app = web.Application(client_max_size=16 * 1024 * 1024)
     traffic = app[_TRAFFIC] = _Traffic()
     recoveries = app[_RECOVERIES] = Recoveries()
+    inflight = app[INFLIGHT] = InFlight()
 
     async def _session(app: web.Application) -> Any:
         app[_HTTP] = aiohttp.ClientSession()
@@ -93,18 +116,29 @@ def build_app(backends: Backends, settings: Settings) -> web.Application:
     def handler(path: str) -> Callable[[web.Request], Any]:
         async def handle(request: web.Request) -> web.StreamResponse:
             request_id = request.headers.get("X-Request-Id") or f"wkv-{uuid.uuid4().hex}"
-            t0 = time.monotonic()
-            log = _log.bind(request_id=request_id, endpoint=path)
+            trace = RequestTrace(request, path, request_id, inflight, settings.trace_text)
+            with tracing.current(trace.span):
+                return await serve(request, path, request_id, trace)
+
+        return handle
+
+    async def serve(
+        request: web.Request, path: str, request_id: str, trace: RequestTrace
+    ) -> web.StreamResponse:
+        t0 = time.monotonic()
+        log = _log.bind(request_id=request_id, endpoint=path)
+        ladder = None
+        try:
             if traffic.draining:
-                return error_response(
+                raise HandoffError(
                     503, "the service is shutting down; retry elsewhere", "service_draining"
                 )
             traffic.enter()
-            ladder = None
             try:
                 if not backends.ready():
                     raise HandoffError(503, "servers are not ready", "service_unavailable")
                 body = validate_body(await request.read())
+                trace.body(body)
                 ladder = Ladder(
                     request,
                     request.app[_HTTP],
@@ -115,30 +149,46 @@ def build_app(backends: Backends, settings: Settings) -> web.Application:
                     body,
                     request_id,
                     log,
+                    trace,
                 )
                 response = await ladder.run()
-            except HandoffError as err:
-                log.warning(
-                    "request.failed",
-                    status=err.status,
-                    kind=err.kind,
-                    error=err.message,
-                    rungs=ladder.rungs if ladder else [],
-                    **err.fields,
-                )
-                return err.response()
             finally:
                 traffic.leave()
-            log.info(
-                "request.done",
-                servers=ladder.servers,
-                rungs=ladder.rungs,
-                stream=bool(body.get("stream")),
-                seconds=round(time.monotonic() - t0, 3),
+        except HandoffError as err:
+            log.warning(
+                "request.failed",
+                status=err.status,
+                kind=err.kind,
+                error=err.message,
+                rungs=ladder.rungs if ladder else [],
+                **err.fields,
             )
-            return response
-
-        return handle
+            trace.label(
+                "watchdog.request_failed",
+                cause_of(err),
+                f"answered {err.status}",
+                error=err.message,
+            )
+            trace.finish(
+                err.status,
+                ladder.rungs if ladder else [],
+                ladder.servers if ladder else [],
+                err.message,
+            )
+            return err.response()
+        except BaseException as exc:
+            trace.finish(500, ladder.rungs if ladder else [], [], type(exc).__name__)
+            raise
+        log.info(
+            "request.done",
+            servers=ladder.servers,
+            rungs=ladder.rungs,
+            stream=bool(body.get("stream")),
+            seconds=round(time.monotonic() - t0, 3),
+        )
+        trace.output(ladder.output() if body.get("stream") else _text_of(response))
+        trace.finish(response.status, ladder.rungs, ladder.servers, None)
+        return response
 
     async def models(request: web.Request) -> web.Response:
         if not backends.ready():
@@ -205,6 +255,19 @@ def build_app(backends: Backends, settings: Settings) -> web.Application:
     app.router.add_post("/v1/chat/completions", handler("/v1/chat/completions"))
     app.router.add_get("/v1/models", models)
     app.router.add_get("/health", health)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(ServiceCollector(lambda: backends.run_dir, lambda: own_counts()))
+
+    def own_counts() -> dict[str, Any]:
+        counted = backends.counts()
+        rungs = {(kind, ""): n for kind, n in recoveries.counts.items()}
+        return {**counted, "recoveries": {**counted.get("recoveries", {}), **rungs}}
+
+    async def metrics(_: web.Request) -> web.Response:
+        payload = await asyncio.to_thread(generate_latest, registry)  # reads files
+        return web.Response(body=payload, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    app.router.add_get("/metrics", metrics)
     app.router.add_get("/watchdog/status", watchdog_status)
     app.router.add_get("/watchdog/health", watchdog_health)
     return app

@@ -26,6 +26,7 @@ import aiohttp
 from aiohttp import web
 
 from watchdog_kv.telemetry import get_logger
+from watchdog_kv.telemetry.tracing import TRACE_PARAM
 
 __all__ = [
     "Backend",
@@ -92,10 +93,13 @@ def validate_body(raw: bytes) -> dict[str, Any]:
     return body
 
 
-def prefill_body(body: dict[str, Any]) -> dict[str, Any]:
-    """The request as sent to the prefill server: one token, no stream, remote decode."""
+def prefill_body(body: dict[str, Any], traceparent: str | None = None) -> dict[str, Any]:
+    """The request as sent to the prefill server: one token, no stream, remote decode
+    (and the call's trace context, for the prefill's engine processes)."""
     out = dict(body)
     out["kv_transfer_params"] = {"do_remote_decode": True, "do_remote_prefill": False}
+    if traceparent is not None:
+        out["kv_transfer_params"][TRACE_PARAM] = traceparent
     out["stream"] = False
     out["max_tokens"] = 1
     if "max_completion_tokens" in out:
@@ -155,13 +159,15 @@ async def run_prefill(
     body: dict[str, Any],
     request_id: str,
     timeout_s: float,
+    headers: dict[str, str] | None = None,
+    traceparent: str | None = None,
 ) -> dict[str, Any]:
     """Ask the prefill server for the KV; return the ``kv_transfer_params`` it gives."""
     try:
         async with http.post(
             f"{backend.url}{path}",
-            json=prefill_body(body),
-            headers={"X-Request-Id": request_id},
+            json=prefill_body(body, traceparent),
+            headers={"X-Request-Id": request_id, **(headers or {})},
             timeout=aiohttp.ClientTimeout(total=timeout_s),
         ) as resp:
             if resp.status != 200:
@@ -188,13 +194,14 @@ async def decode_whole(
     body: dict[str, Any],
     request_id: str,
     idle_timeout_s: float,
+    headers: dict[str, str] | None = None,
 ) -> web.Response:
     """Send a non-streamed request to a decode server and return its whole answer."""
     try:
         async with http.post(
             f"{backend.url}{path}",
             json=body,
-            headers={"X-Request-Id": request_id},
+            headers={"X-Request-Id": request_id, **(headers or {})},
             timeout=idle_timeout(idle_timeout_s),
         ) as upstream:
             if upstream.status != 200:

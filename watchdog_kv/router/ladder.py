@@ -26,6 +26,7 @@ import asyncio
 import itertools
 import time
 from collections import Counter
+from pathlib import Path
 from typing import Any, Protocol
 
 import aiohttp
@@ -39,6 +40,7 @@ from watchdog_kv.router.handoff import (
     retryable,
     run_prefill,
 )
+from watchdog_kv.router.spans import RequestTrace, cause_of
 from watchdog_kv.router.stream import ClientGone, StreamRelay
 
 __all__ = ["Backends", "Ladder", "Recoveries"]
@@ -56,6 +58,10 @@ class Backends(Protocol):
     def status(self) -> dict[str, Any]: ...
     def health(self) -> dict[str, Any]: ...
     def serving_role(self) -> str: ...
+    def counts(self) -> dict[str, Any]: ...
+
+    @property
+    def run_dir(self) -> Path: ...
 
 
 class Recoveries:
@@ -87,21 +93,29 @@ class Ladder:
         body: dict[str, Any],
         request_id: str,
         log: Any,
+        trace: RequestTrace,
     ) -> None:
         self.request, self.http, self.backends = request, http, backends
+        self.trace = trace
         self.settings, self.recoveries = settings, recoveries
         self.path, self.body, self.request_id, self.log = path, body, request_id, log
         self.deadline = time.monotonic() + settings.request_budget_s
         self.rungs: list[str] = []
         self.servers: list[str] = []
+        self._stream: StreamRelay | None = None
 
     def left(self) -> float:
         return self.deadline - time.monotonic()
 
-    def rung(self, kind: str, **fields: Any) -> None:
+    def rung(self, kind: str, cause: str, **fields: Any) -> None:
         self.rungs.append(kind)
         self.recoveries.counts[kind] += 1
-        self.log.warning("request.recovered", rung=kind, **fields)
+        self.log.warning("request.recovered", rung=kind, cause=cause, **fields)
+        self.trace.label("watchdog.recovery", cause, kind, **fields)
+
+    def output(self) -> str | None:
+        """The text the client was sent, when it is at hand (streams)."""
+        return self._stream.text if self._stream is not None else None
 
     async def run(self) -> web.StreamResponse:
         params = None
@@ -113,39 +127,45 @@ class Ladder:
     # -- rungs 1 and 2 ---------------------------------------------------------------
     async def _prefill(self) -> dict[str, Any] | None:
         tried: list[str] = []
-        errors: list[str] = []
+        errors: list[HandoffError] = []
         for backend in self.recoveries.rotate("prefill", self.backends.available("prefill")):
             if self.left() <= 0:
                 break
             try:
-                params = await run_prefill(
-                    self.http,
-                    backend,
-                    self.path,
-                    self.body,
-                    self.request_id,
-                    min(self.settings.prefill_timeout_s, self.left()),
-                )
+                with self.trace.call("prefill", backend) as call:
+                    params = await run_prefill(
+                        self.http,
+                        backend,
+                        self.path,
+                        self.body,
+                        self.request_id,
+                        min(self.settings.prefill_timeout_s, self.left()),
+                        call.headers,
+                        call.traceparent,
+                    )
             except HandoffError as err:
                 if not retryable(err):
                     raise
                 tried.append(backend.name)
-                errors.append(err.message)
+                errors.append(err)
                 self.log.warning("request.prefill_failed", server=backend.name, error=err.message)
                 continue
             self.servers.append(backend.name)
             if tried:
-                self.rung("prefill_retry", server=backend.name, failed=tried)
+                self.rung("prefill_retry", cause_of(errors[-1]), server=backend.name, failed=tried)
             return params
         self.rung(
             "decode_computes_prompt",
-            reason="; ".join(errors) if errors else "no prefill server is available",
+            cause_of(errors[-1]) if errors else "admission",
+            reason="; ".join(e.message for e in errors)
+            if errors
+            else "no prefill server is available",
         )
         return None
 
     # -- rungs 3 and 4 ---------------------------------------------------------------
     async def _decode(self, role: str, params: dict[str, Any] | None) -> web.StreamResponse:
-        stream = (
+        stream = self._stream = (
             StreamRelay(self.request, self.path, self.body, self.request_id)
             if (self.body.get("stream"))
             else None
@@ -159,23 +179,36 @@ class Ladder:
                 return await self._give_up(stream, last)
             self.servers.append(backend.name)
             try:
-                if stream is None:
-                    response = await decode_whole(
+                with self.trace.call(
+                    "decode",
+                    backend,
+                    kv="remote" if params else "computed here",
+                    continuation=bool(stream and stream.started) or None,
+                ) as call:
+                    if stream is None:
+                        response = await decode_whole(
+                            self.http,
+                            backend,
+                            self.path,
+                            {**self.body, "kv_transfer_params": call.params(params)}
+                            if params
+                            else self.body,
+                            self.request_id,
+                            self.settings.decode_idle_timeout_s,
+                            call.headers,
+                        )
+                        response.headers["X-Watchdog-Decode"] = backend.name
+                        response.headers["X-Watchdog-Recovery"] = ",".join(self.rungs) or "none"
+                        return response
+                    stream.headers.setdefault("X-Watchdog-Decode", backend.name)
+                    stream.headers["X-Watchdog-Recovery"] = ",".join(self.rungs) or "none"
+                    return await stream.relay(
                         self.http,
                         backend,
-                        self.path,
-                        {**self.body, "kv_transfer_params": params} if params else self.body,
-                        self.request_id,
+                        call.params(params),
                         self.settings.decode_idle_timeout_s,
+                        call.headers,
                     )
-                    response.headers["X-Watchdog-Decode"] = backend.name
-                    response.headers["X-Watchdog-Recovery"] = ",".join(self.rungs) or "none"
-                    return response
-                stream.headers.setdefault("X-Watchdog-Decode", backend.name)
-                stream.headers["X-Watchdog-Recovery"] = ",".join(self.rungs) or "none"
-                return await stream.relay(
-                    self.http, backend, params, self.settings.decode_idle_timeout_s
-                )
             except ClientGone:
                 self.log.info("request.client_gone", server=backend.name)
                 return stream.response if stream and stream.response else web.Response(status=499)
@@ -191,11 +224,12 @@ class Ladder:
                 if stream is not None and stream.started:
                     self.rung(
                         "decode_continues_stream",
+                        cause_of(err),
                         failed=backend.name,
                         tokens_sent=len(stream.emitted),
                     )
                 else:
-                    self.rung("decode_retry", failed=backend.name)
+                    self.rung("decode_retry", cause_of(err), failed=backend.name)
 
     async def _pick(
         self, role: str, failed: list[Backend], last: HandoffError | None

@@ -141,6 +141,7 @@ class StreamRelay:
         backend: Backend,
         params: dict[str, Any] | None,
         idle_s: float,
+        headers: dict[str, str] | None = None,
     ) -> web.StreamResponse:
         """Stream from ``backend`` to the client until the answer is complete.
 
@@ -168,7 +169,7 @@ class StreamRelay:
             upstream = await http.post(
                 f"{backend.url}{path}",
                 json=body,
-                headers={"X-Request-Id": request_id},
+                headers={"X-Request-Id": request_id, **(headers or {})},
                 timeout=idle_timeout(idle_s),
             )
         except (TimeoutError, aiohttp.ClientError) as exc:

@@ -29,6 +29,8 @@ import contextlib
 import os
 import signal
 import time
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,7 +51,7 @@ from watchdog_kv.supervisor import ports
 from watchdog_kv.supervisor.launch import LocalServer, ServerProcess
 from watchdog_kv.supervisor.progress import StartupProgress
 from watchdog_kv.supervisor.servers import ServerSpec
-from watchdog_kv.telemetry import get_logger
+from watchdog_kv.telemetry import get_logger, tracing
 
 __all__ = [
     "STABLE_S",
@@ -140,6 +142,17 @@ class Supervisor:
         self._restarting: set[str] = set()
         self._changed = asyncio.Event()
         self._up = False  # start-up done: every server was ready once
+        # the router's requests on a server, told of what happens to it (set by the service)
+        self.on_detection: Callable[..., int] | None = None
+
+    def _detected(self, server: str, name: str, cause: str, action: str, **attrs: Any) -> None:
+        """A detection about ``server``: a span of its own, and an event on the trace of
+        every request that is on that server now (event loop only)."""
+        told = 0
+        if self.on_detection is not None:
+            told = self.on_detection(server, name, cause, action, **attrs)
+        with _tracer().start_as_current_span(name) as span:
+            tracing.label(span, name, cause, action, server=server, requests_told=told, **attrs)
 
     # -- planning -----------------------------------------------------------------
     def plan(self) -> list[ServerSpec]:
@@ -170,6 +183,8 @@ class Supervisor:
                     extra_args=opts.vllm_args,
                     cpu_bind=str(cores[index % len(cores)]),
                     kv_lease_s=opts.kv_lease_s,
+                    otel=self.settings.otel,
+                    vllm_traces=self.settings.vllm_traces,
                 )
             )
         return specs
@@ -207,6 +222,8 @@ class Supervisor:
             # one core per rank's OpenMP threads ("|" separates ranks)
             cpu_bind="|".join(str(cores[i % len(cores)]) for i in range(size)),
             kv_lease_s=None,
+            otel=self.settings.otel,
+            vllm_traces=self.settings.vllm_traces,
         )
 
     def _launcher(self, spec: ServerSpec) -> ServerProcess:
@@ -314,8 +331,22 @@ class Supervisor:
         self.monitor.start()
 
     def _stall_seen(self, stall: Stall) -> None:  # monitor thread
-        if self._loop is not None and self.settings.stall_action == "restart":
+        if self._loop is None:
+            return
+        self._loop.call_soon_threadsafe(self._stall_traced, stall)
+        if self.settings.stall_action == "restart":
             self._loop.call_soon_threadsafe(self._schedule_restart_after_stall, stall)
+
+    def _stall_traced(self, stall: Stall) -> None:
+        if stall.server is not None:
+            self._detected(
+                str(stall.server),
+                "watchdog.stall_detected",
+                "stall",
+                self.settings.stall_action,
+                stall=stall.describe(),
+                pid=stall.pid,
+            )
 
     def _schedule_restart_after_stall(self, stall: Stall) -> None:
         if stall.server is not None:
@@ -385,6 +416,23 @@ class Supervisor:
             before_sleep=failed_attempt,
             reraise=True,
         )
+        with _tracer().start_as_current_span(
+            "server.restart", attributes={"watchdog.server": name, "watchdog.cause": cause}
+        ) as span:
+            done = await self._restart_row(srv, retrying, causes, row_backoff)
+            span.set_attribute("watchdog.restarts_in_a_row", srv.streak)
+            if not done:
+                tracing.fail(span, causes[-1])
+            return done
+
+    async def _restart_row(
+        self,
+        srv: _Server,
+        retrying: AsyncRetrying,
+        causes: list[str],
+        row_backoff: Callable[[], float],
+    ) -> bool:
+        name, limit = srv.spec.name, self.settings.restart_limit
         if srv.streak:  # restarted before and failed again soon after: back off first
             await asyncio.sleep(row_backoff())
         try:
@@ -459,6 +507,13 @@ class Supervisor:
                     last_lines=srv.proc.tail(10),
                     action="restart" if not self.draining else "none (draining)",
                 )
+                self._detected(
+                    srv.spec.name,
+                    "watchdog.server_exited",
+                    "exit",
+                    "restart" if not self.draining else "none (draining)",
+                    exit_code=code,
+                )
                 self._schedule(srv.spec.name, self.restart(srv.spec.name, cause))
             serving = [s for s in self.servers.values() if s.spec.role in SERVING_ROLES]
             if serving and all(s.state == "failed" for s in serving):
@@ -491,6 +546,18 @@ class Supervisor:
     # -- what the router asks -----------------------------------------------------------
     def stalls(self, name: str | None = None) -> list[Stall]:
         return self.monitor.current(name) if self.monitor is not None else []
+
+    def counts(self) -> dict[str, Any]:
+        """What the supervisor counted, for the router's /metrics: stalls detected
+        (deadline misses of kind ``step``) and restarts, by server."""
+        misses: Counter[tuple[str, str]] = Counter()
+        for stall in self.monitor.history() if self.monitor else []:
+            misses[("step", str(stall.server or ""))] += 1
+        restarts: Counter[tuple[str, str]] = Counter()
+        for name, srv in self.servers.items():
+            if srv.restarts:
+                restarts[("server_restart", name)] = len(srv.restarts)
+        return {"deadline_misses": misses, "recoveries": restarts}
 
     def health(self) -> dict[str, Any]:
         """Live, ready and progressing for each server, told apart."""
@@ -599,3 +666,7 @@ def _new_run_dir(state_dir: Path) -> Path:
     path = state_dir / f"run-{stamp}-{os.getpid()}"
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def _tracer() -> Any:
+    return tracing.tracer("watchdog_kv.supervisor")

@@ -21,6 +21,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from watchdog_kv.config import OtelSettings
+from watchdog_kv.telemetry.tracing import server_kind, service_name
+
 __all__ = ["KV_TRANSFER_CONFIG", "ServerSpec"]
 
 KV_TRANSFER_CONFIG = {
@@ -50,6 +53,8 @@ class ServerSpec:
     extra_args: Sequence[str] = field(default_factory=tuple)
     cpu_bind: str | None = None  # VLLM_CPU_OMP_THREADS_BIND for this server's worker
     kv_lease_s: float | None = None  # NIXL kv_lease_duration (vLLM's default when None)
+    otel: OtelSettings = field(default_factory=OtelSettings)
+    vllm_traces: bool = False  # also start vLLM's own tracing (--otlp-traces-endpoint)
 
     @property
     def url(self) -> str:
@@ -76,8 +81,17 @@ class ServerSpec:
                 if self.role == "plain"
                 else ("--kv-transfer-config", json.dumps(self.kv_transfer_config()))
             ),
+            *self._tracing_args(),
             *self.extra_args,
         ]
+
+    def _tracing_args(self) -> tuple[str, ...]:
+        otel = self.otel
+        if not (self.vllm_traces and otel.exporter == "otlp" and otel.endpoint):
+            return ()
+        if "--otlp-traces-endpoint" in self.extra_args:
+            return ()  # the operator's own choice
+        return ("--otlp-traces-endpoint", otel.endpoint)
 
     def kv_transfer_config(self) -> dict[str, object]:
         config: dict[str, object] = dict(KV_TRANSFER_CONFIG)
@@ -95,4 +109,12 @@ class ServerSpec:
         env["VLLM_NIXL_SIDE_CHANNEL_PORT"] = str(self.side_channel_port)
         env["WATCHDOG_KV_SERVER"] = self.name
         env["WATCHDOG_KV_STATE_DIR"] = str(state_dir)
+        if self.otel.enabled:
+            # vLLM's own spans then say the server's role too, and speak the protocol
+            # the operator chose (vLLM reads only the traces-specific variable)
+            env["OTEL_SERVICE_NAME"] = service_name(self.otel.service_name, server_kind(self.name))
+            env["OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"] = self.otel.protocol
+            extra = f"watchdog_kv.server={self.name}"
+            found = env.get("OTEL_RESOURCE_ATTRIBUTES")
+            env["OTEL_RESOURCE_ATTRIBUTES"] = f"{found},{extra}" if found else extra
         return env

@@ -19,9 +19,10 @@ from typing import Any
 
 from watchdog_kv.config import Settings
 from watchdog_kv.router import RouterServer
+from watchdog_kv.router.app import INFLIGHT
 from watchdog_kv.supervisor import ports
 from watchdog_kv.supervisor.core import ServeOptions, StartupError, Supervisor
-from watchdog_kv.telemetry import get_logger
+from watchdog_kv.telemetry import get_logger, tracing
 
 __all__ = ["EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_OK", "run_service"]
 
@@ -45,7 +46,9 @@ async def run_service(
     ports.check_free(options.host, options.port, "router")
     supervisor = Supervisor(options, settings)
     specs = supervisor.plan()
+    tracing.setup(settings.otel, "router")
     router = RouterServer(supervisor, settings, options.host, options.port)
+    supervisor.on_detection = router.app[INFLIGHT].label
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -85,6 +88,7 @@ async def run_service(
             loop.remove_signal_handler(sig)
         await router.stop()
         await supervisor.stop()
+        await asyncio.to_thread(tracing.shutdown)
 
 
 def _on_signal(stop: asyncio.Event, sig: signal.Signals) -> None:
