@@ -34,7 +34,7 @@ from watchdog_kv import config, faults, process
 from watchdog_kv.guard import contained
 from watchdog_kv.kv import hooks as kv_hooks
 from watchdog_kv.step import hooks as step_hooks
-from watchdog_kv.telemetry import logs
+from watchdog_kv.telemetry import logs, metrics, tracing
 
 __all__ = ["Registration", "current", "register", "unregister"]
 
@@ -51,6 +51,7 @@ class Registration:
     hooks: list[str] = field(default_factory=list)
     record_path: str | None = None
     record: process.StatusRecord | None = None
+    metrics_stop: threading.Event | None = None
 
 
 _current: Registration | None = None
@@ -105,6 +106,15 @@ def register() -> Registration:
                 return reg
             if reg.identity.role == "api_server":
                 faults.maybe_crash(settings.fault, settings.state_dir, settings.server)
+            if reg.identity.role in ("engine_core", "worker"):
+                # the KV spans live here; the API server's part is the router's to trace
+                tracing.setup(
+                    settings.otel,
+                    tracing.server_kind(settings.server),
+                    server=settings.server,
+                    process=reg.identity.role,
+                    rank=reg.identity.rank,
+                )
             reg.hooks = kv_hooks.install(settings, reg.identity.rank, _publisher(reg))
             reg.hooks += _install_step_watch(settings, reg.identity.role)
             record = process.StatusRecord(
@@ -120,6 +130,8 @@ def register() -> Registration:
             )
             reg.record = record
             reg.record_path = str(process.write_record(settings.state_dir, record))
+            if reg.identity.role in ("engine_core", "worker"):
+                reg.metrics_stop = metrics.publish_every(2.0, _publisher(reg, "metrics"))
             _log.info(
                 "watchdog_kv.registered",
                 process_name=reg.identity.process_name,
@@ -142,14 +154,14 @@ def _install_step_watch(settings: config.Settings, role: str) -> list[str]:
     return []
 
 
-def _publisher(reg: Registration) -> Callable[[dict[str, Any]], None]:
-    """Rewrite this process's status record with a hook's latest status."""
+def _publisher(reg: Registration, part: str = "kv") -> Callable[[dict[str, Any]], None]:
+    """Rewrite this process's status record with the latest ``kv`` status or ``metrics``."""
 
-    def publish(kv: dict[str, Any]) -> None:
+    def publish(value: dict[str, Any]) -> None:
         with _lock, contained("status record"):
             if reg.record is None or current() is not reg:
                 return
-            reg.record.kv = kv
+            setattr(reg.record, part, value)
             process.write_record(reg.settings.state_dir, reg.record)
 
     return publish
@@ -161,6 +173,8 @@ def unregister() -> None:
     with _lock:
         reg = current()
         _current = None
+        if reg is not None and reg.metrics_stop is not None:
+            reg.metrics_stop.set()
         kv_hooks.uninstall()
         step_hooks.uninstall()
         logs.set_recorder(None)

@@ -28,9 +28,10 @@ from watchdog_kv import process
 from watchdog_kv.config import Settings
 from watchdog_kv.guard import contained
 from watchdog_kv.kv.lease import LEASE_PARAM
+from watchdog_kv.kv.spans import TRACE_ATTR
 from watchdog_kv.kv.worker import RECV_PLAN_ATTR, RecvPlan
 from watchdog_kv.patching import InstancePatches
-from watchdog_kv.telemetry import get_logger
+from watchdog_kv.telemetry import get_logger, tracing
 
 __all__ = ["SchedulerWatch", "bad_remote_params", "patch_scheduler_recovery"]
 
@@ -44,6 +45,7 @@ class SchedulerWatch:
         self.enabled = True
         self._async: dict[str, int] = {}  # req_id -> external tokens to load
         self._plans: dict[str, dict[str, Any]] = {}
+        self._lease_traces: dict[str, str] = {}  # kept for a decode: the prefill call's trace
         self._lease_endpoints: list[str] | None = None
         self._lease_looked_at = 0.0
         self.leases_advertised = 0
@@ -101,6 +103,18 @@ class SchedulerWatch:
         if problem is None:
             return
         _log.warning("kv.bad_transfer_params", request_id=request.request_id, problem=problem)
+        parent = tracing.context_from(params.get(tracing.TRACE_PARAM))
+        if parent is not None:
+            with tracing.tracer("watchdog_kv.kv").start_as_current_span(
+                "kv.params_refused", context=parent
+            ) as span:
+                tracing.label(
+                    span,
+                    "kv.bad_transfer_params",
+                    "bad_input",
+                    "compute the prompt here",
+                    problem=problem,
+                )
         request.kv_transfer_params = {**params, "do_remote_prefill": False}
         self.refused_params += 1
 
@@ -126,16 +140,21 @@ class SchedulerWatch:
                         remote_request_id=params.get("remote_request_id"),
                         lease=list(lease) if isinstance(lease, list) else None,
                         local_blocks=local,
+                        trace=_str_or_none(params.get(tracing.TRACE_PARAM)),
                     )
                     self._plans[request.request_id] = asdict(plan)
         return result
 
     def _build_connector_meta(self, scheduler_output: Any) -> Any:
         metadata = self._originals["build_connector_meta"](scheduler_output)
-        if self.enabled and self._plans:
+        if self.enabled and (self._plans or self._lease_traces):
             with contained("kv.build_connector_meta", on_error=self._disable):
-                setattr(metadata, RECV_PLAN_ATTR, self._plans)
-                self._plans = {}
+                if self._plans:
+                    setattr(metadata, RECV_PLAN_ATTR, self._plans)
+                    self._plans = {}
+                if self._lease_traces:
+                    setattr(metadata, TRACE_ATTR, self._lease_traces)
+                    self._lease_traces = {}
         return metadata
 
     def _finisher(self, name: str) -> Any:
@@ -150,6 +169,10 @@ class SchedulerWatch:
             with contained("kv.request_finished", on_error=self._disable):
                 self._async.pop(request.request_id, None)
                 if delay_free and params and params.get("do_remote_prefill"):
+                    asked = request.kv_transfer_params or {}
+                    traceparent = _str_or_none(asked.get(tracing.TRACE_PARAM))
+                    if traceparent is not None and tracing.enabled():
+                        self._lease_traces[request.request_id] = traceparent
                     endpoints = self._lease_servers()
                     if endpoints:
                         params = {**params, LEASE_PARAM: endpoints}
@@ -179,6 +202,10 @@ class SchedulerWatch:
 
 
 _INT32 = 2**31
+
+
+def _str_or_none(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
 
 
 def _is_int(value: Any, low: int, high: int) -> bool:

@@ -32,6 +32,7 @@ from watchdog_kv.guard import contained
 from watchdog_kv.kv.deadlines import DeadlineConfig, Deadlines, Phase
 from watchdog_kv.kv.lease import LeaseClient, LeaseServer
 from watchdog_kv.kv.nixl import NixlAdapter, nixl_worker_of
+from watchdog_kv.kv.spans import TRACE_ATTR, KVSpans
 from watchdog_kv.kv.states import (
     IllegalTransition,
     LeaseTable,
@@ -42,7 +43,7 @@ from watchdog_kv.kv.states import (
     Verdict,
 )
 from watchdog_kv.patching import InstancePatches
-from watchdog_kv.telemetry import get_logger
+from watchdog_kv.telemetry import get_logger, metrics
 
 __all__ = ["RECV_PLAN_ATTR", "RecvPlan", "WorkerWatch"]
 
@@ -71,6 +72,7 @@ class RecvPlan:
     remote_request_id: str | None = None
     lease: list[str] | None = None  # lease servers of the prefill, by TP rank
     local_blocks: list[int] = field(default_factory=list)
+    trace: str | None = None  # the router's traceparent for the decode call
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> RecvPlan:
@@ -95,8 +97,9 @@ class WorkerWatch:
         self.settings = settings
         self.rank = rank
         self.enabled = True
+        self.spans = KVSpans()
         self.recv = RecvTable(on_transition=self._on_transition)
-        self.leases = LeaseTable()
+        self.leases = LeaseTable(on_transition=self._on_lease_transition)
         self.deadlines = Deadlines(
             DeadlineConfig(
                 floor_s=settings.kv_deadline_floor_s,
@@ -166,10 +169,15 @@ class WorkerWatch:
         )
 
     def _event(self, event: str, **fields: Any) -> None:
+        self.spans.label(event, fields)
         _log.warning(event, rank=self.rank, **fields)
 
     def _on_transition(self, req_id: str, event: str, old: str, new: str) -> None:
         _log.debug("kv.transition", request_id=req_id, kv_event=event, old=old, new=new)
+        self.spans.load_transition(req_id, old, new)
+
+    def _on_lease_transition(self, req_id: str, event: str, old: str, new: str) -> None:
+        self.spans.lease_transition(req_id, old, new)
 
     # --- wrapped methods ----------------------------------------------------
     def _register_kv_caches(self, kv_caches: dict[str, Any]) -> Any:
@@ -189,6 +197,7 @@ class WorkerWatch:
             with contained("kv.lease_tracking", on_error=self._stop_lease_tracking):
                 metadata = self._metadata()
                 if metadata is not None:
+                    self.spans.lease_parents(getattr(metadata, TRACE_ATTR, None))
                     self.adapter.observe_metadata(metadata)
         if self.enabled:
             with contained("kv.start_load_kv", on_error=self._disable):
@@ -236,6 +245,15 @@ class WorkerWatch:
             plan = RecvPlan.from_dict(raw)
             self.recv.start(req_id)
             self._loads[req_id] = _Load(plan, plan.num_blocks * self._bytes_per_block)
+            self.spans.load_admitted(
+                req_id,
+                plan.trace,
+                remote_request_id=plan.remote_request_id,
+                remote_engine_id=plan.remote_engine_id,
+                blocks=plan.num_blocks,
+                bytes=plan.num_blocks * self._bytes_per_block,
+                lease_checked=bool(plan.lease and self.settings.kv_lease_check),
+            )
 
     def _observe_phases(self) -> None:
         if self.adapter is None:
@@ -329,6 +347,7 @@ class WorkerWatch:
                     limit += max(0.0, load.release_at - transfer.phase_started)
                 elapsed = now - transfer.phase_started
                 if elapsed > limit:
+                    metrics.local().count("kv_deadline_misses", phase.value)
                     self._event(
                         "kv.deadline_missed",
                         request_id=req_id,
@@ -365,6 +384,7 @@ class WorkerWatch:
             return
         started = load.posted_at or transfer.started
         self.deadlines.observe(Phase.TRANSFER, now - started, load.nbytes or None)
+        metrics.local().observe("kv_transfer_seconds", now - started, metrics.TRANSFER_BUCKETS)
         load.done_at = now
         fault = self.settings.fault
         if fault.corrupt_p and self.dice.roll(fault.corrupt_p):
@@ -444,14 +464,15 @@ class WorkerWatch:
             return  # the blocks stay this request's until the transfer is really over
         self._try(req_id, RecvEvent.CANCELLED)
         recompute = self.settings.kv_recovery == "recompute"
-        self._try(req_id, RecvEvent.RECOMPUTE if recompute else RecvEvent.FAIL)
-        self._event(
+        self._event(  # before the last transition, which ends the load's span
             "kv.recovered" if recompute else "kv.failed_fast",
             request_id=req_id,
             cause=cause or transfer.cause,
             action="recompute" if recompute else "fail",
             after_s=round(time.monotonic() - transfer.started, 3),
         )
+        self._try(req_id, RecvEvent.RECOMPUTE if recompute else RecvEvent.FAIL)
+        metrics.local().count("kv_recoveries", "recompute" if recompute else "fail")
         self._ready_failed.add(req_id)
 
     def _forget(self, req_id: str, settled: bool = True) -> None:

@@ -32,7 +32,7 @@ from watchdog_kv.config import Settings
 from watchdog_kv.guard import contained
 from watchdog_kv.step.beacon import Beacon, Phase
 from watchdog_kv.step.deadlines import Kind, Limits, StepDeadlines
-from watchdog_kv.telemetry import get_logger
+from watchdog_kv.telemetry import get_logger, metrics
 
 __all__ = ["STARTUP_STEPS", "StepWatch", "limits_from"]
 
@@ -139,6 +139,7 @@ class StepWatch:
         seconds = self.beacon.exit(started, step_done=True)
         if not model_ran:
             return
+        metrics.local().observe("step_seconds", seconds, metrics.STEP_BUCKETS)
         if kind is Kind.STARTUP:
             self._startup_steps -= 1
         self._learn(kind, seconds, deadline, what)
