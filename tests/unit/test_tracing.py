@@ -28,7 +28,7 @@ from test_kv_worker import _step, watched
 @pytest.fixture
 def spans() -> Iterator[InMemorySpanExporter]:
     memory = InMemorySpanExporter()
-    provider = TracerProvider()
+    provider = TracerProvider(id_generator=tracing.SystemRandomIds())
     provider.add_span_processor(SimpleSpanProcessor(memory))
     tracing.use(provider)
     try:
@@ -95,6 +95,20 @@ def test_bad_otel_values_stop_start_up_naming_the_variable(env, name):
     with pytest.raises(config.ConfigError) as err:
         config.load(env)
     assert str(err.value).startswith(f"{name}=") and "Accepted:" in str(err.value)
+
+
+def test_ids_do_not_come_from_the_seeded_random_module():
+    """vLLM seeds ``random`` alike in every engine process: ids drawn from it repeat
+    across processes, and drawing them would move vLLM's own random sequence."""
+    import random
+
+    ids = tracing.SystemRandomIds()
+    random.seed(0)
+    state = random.getstate()
+    first = (ids.generate_trace_id(), ids.generate_span_id())
+    assert random.getstate() == state
+    random.seed(0)
+    assert (ids.generate_trace_id(), ids.generate_span_id()) != first
 
 
 # --- propagation -------------------------------------------------------------------------

@@ -44,6 +44,7 @@ from opentelemetry.sdk.trace.export import (
     SpanExporter,
     SpanExportResult,
 )
+from opentelemetry.sdk.trace.id_generator import IdGenerator
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
@@ -55,6 +56,7 @@ __all__ = [
     "TRACE_PARAM",
     "RequestSpans",
     "SpanKind",
+    "SystemRandomIds",
     "context_from",
     "enabled",
     "headers_of",
@@ -123,6 +125,30 @@ class _LoggedExporter(SpanExporter):
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
         return self._inner.force_flush(timeout_millis)
+
+
+class SystemRandomIds(IdGenerator):
+    """Span and trace ids from the operating system's randomness.
+
+    The SDK's default generator draws from Python's global ``random``, which vLLM
+    seeds identically in every engine process: every worker then makes the same
+    ids (a backend keeps one span per id and silently drops the rest; seen here),
+    and each draw would also move vLLM's own random sequence."""
+
+    def generate_span_id(self) -> int:
+        while True:
+            value = int.from_bytes(os.urandom(8), "big")
+            if value != trace.INVALID_SPAN_ID:
+                return value
+
+    def generate_trace_id(self) -> int:
+        while True:
+            value = int.from_bytes(os.urandom(16), "big")
+            if value != trace.INVALID_TRACE_ID:
+                return value
+
+    def is_trace_id_random(self) -> bool:
+        return True
 
 
 def _exporter(otel: OtelSettings) -> SpanExporter:
@@ -200,7 +226,9 @@ def _make_provider(otel: OtelSettings, role: str, attributes: dict[str, Any]) ->
         def make() -> None:
             # Born in a thread allowed on every CPU, so the export thread (and
             # gRPC's) do not share the one core vLLM pins a worker to.
-            provider = TracerProvider(resource=resource)  # sampler from OTEL_TRACES_SAMPLER
+            provider = TracerProvider(  # sampler from OTEL_TRACES_SAMPLER
+                resource=resource, id_generator=SystemRandomIds()
+            )
             provider.add_span_processor(
                 BatchSpanProcessor(_LoggedExporter(_exporter(otel), otel.endpoint))
             )
