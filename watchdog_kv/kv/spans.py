@@ -42,7 +42,6 @@ _PHASE_SPANS = {
     Recv.PULLING: "kv.pull",
     Recv.VERIFYING: "kv.lease_check",
 }
-_DETECTED = (Recv.TIMED_OUT, Recv.BROKEN, Recv.STALE)
 _TERMINAL = (Recv.RECEIVED, Recv.RECOMPUTED, Recv.FAILED, Recv.ABORTED)
 
 # event name -> (cause, action) when the event itself does not say
@@ -98,9 +97,8 @@ class KVSpans:
             if after in _PHASE_SPANS:
                 self.loads.enter(req_id, _PHASE_SPANS[after])
             if after in _TERMINAL:
-                error = None if after in (Recv.RECEIVED, Recv.ABORTED) else after.value
-                if after is Recv.RECOMPUTED:
-                    error = None  # recovered: the request goes on, computed here
+                # recomputed is a recovery (the request goes on): only failed is an error
+                error = after.value if after is Recv.FAILED else None
                 self.loads.end(req_id, error=error, outcome=after.value)
 
     # -- prefill side -----------------------------------------------------------------

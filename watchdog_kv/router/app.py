@@ -155,12 +155,13 @@ def build_app(backends: Backends, settings: Settings) -> web.Application:
             finally:
                 traffic.leave()
         except HandoffError as err:
+            rungs, servers = (ladder.rungs, ladder.servers) if ladder else ([], [])
             log.warning(
                 "request.failed",
                 status=err.status,
                 kind=err.kind,
                 error=err.message,
-                rungs=ladder.rungs if ladder else [],
+                rungs=rungs,
                 **err.fields,
             )
             trace.label(
@@ -169,15 +170,11 @@ def build_app(backends: Backends, settings: Settings) -> web.Application:
                 f"answered {err.status}",
                 error=err.message,
             )
-            trace.finish(
-                err.status,
-                ladder.rungs if ladder else [],
-                ladder.servers if ladder else [],
-                err.message,
-            )
+            trace.finish(err.status, rungs, servers, err.message)
             return err.response()
         except BaseException as exc:
-            trace.finish(500, ladder.rungs if ladder else [], [], type(exc).__name__)
+            rungs, servers = (ladder.rungs, ladder.servers) if ladder else ([], [])
+            trace.finish(500, rungs, servers, type(exc).__name__)
             raise
         log.info(
             "request.done",
@@ -255,13 +252,14 @@ def build_app(backends: Backends, settings: Settings) -> web.Application:
     app.router.add_post("/v1/chat/completions", handler("/v1/chat/completions"))
     app.router.add_get("/v1/models", models)
     app.router.add_get("/health", health)
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(ServiceCollector(lambda: backends.run_dir, lambda: own_counts()))
 
     def own_counts() -> dict[str, Any]:
         counted = backends.counts()
         rungs = {(kind, ""): n for kind, n in recoveries.counts.items()}
         return {**counted, "recoveries": {**counted.get("recoveries", {}), **rungs}}
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(ServiceCollector(lambda: backends.run_dir, own_counts))
 
     async def metrics(_: web.Request) -> web.Response:
         payload = await asyncio.to_thread(generate_latest, registry)  # reads files

@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from aiohttp import web
+from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
 from watchdog_kv.router.handoff import Backend, HandoffError, retryable
@@ -52,17 +53,17 @@ class InFlight:
     def __init__(self) -> None:
         self._on: dict[str, set[RequestTrace]] = {}
 
-    def add(self, server: str, trace: RequestTrace) -> None:
-        self._on.setdefault(server, set()).add(trace)
+    def add(self, server: str, request: RequestTrace) -> None:
+        self._on.setdefault(server, set()).add(request)
 
-    def remove(self, server: str, trace: RequestTrace) -> None:
-        self._on.get(server, set()).discard(trace)
+    def remove(self, server: str, request: RequestTrace) -> None:
+        self._on.get(server, set()).discard(request)
 
     def label(self, server: str, name: str, cause: str, action: str, **attrs: Any) -> int:
         """Tell every request on ``server`` what happened to it; returns how many."""
         found = list(self._on.get(server, ()))
-        for trace in found:
-            trace.label(name, cause, action, server=server, **attrs)
+        for request in found:
+            request.label(name, cause, action, server=server, **attrs)
         return len(found)
 
 
@@ -130,13 +131,13 @@ class RequestTrace:
         """A CLIENT span around one call; its trace headers go with the request."""
         span = tracing.tracer(_TRACER).start_span(
             role,
-            context=_context(self.span),
+            context=trace.set_span_in_context(self.span),
             kind=SpanKind.CLIENT,
             attributes={
                 "server.address": backend.url,
                 "watchdog.server": backend.name,
                 "watchdog.role": role,
-                **{f"watchdog.{k}": v for k, v in attrs.items() if v is not None},
+                **tracing.attributes(**attrs),
             },
         )
         self.inflight.add(backend.name, self)
@@ -181,9 +182,3 @@ class Call:
                 kind=err.kind,
             )
             tracing.fail(self.span, err.message)
-
-
-def _context(span: Span) -> Any:
-    from opentelemetry import trace
-
-    return trace.set_span_in_context(span)

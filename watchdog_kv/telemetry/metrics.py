@@ -16,6 +16,7 @@ Two halves:
 from __future__ import annotations
 
 import bisect
+import os
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -87,8 +88,6 @@ _local: dict[str, Any] = {"pid": None, "metrics": None}
 
 def local() -> ProcessMetrics:
     """This process's metrics (a forked child starts its own)."""
-    import os
-
     if _local["pid"] != os.getpid():
         _local.update(pid=os.getpid(), metrics=ProcessMetrics())
     metrics: ProcessMetrics = _local["metrics"]

@@ -57,6 +57,7 @@ __all__ = [
     "RequestSpans",
     "SpanKind",
     "SystemRandomIds",
+    "attributes",
     "context_from",
     "enabled",
     "headers_of",
@@ -299,14 +300,11 @@ def context_from(traceparent: Any) -> Context | None:
 
 # --- failures ------------------------------------------------------------------------------
 
-CAUSES = ("transport", "lease_expiry", "stall", "admission", "bad_input", "exit")
 
-
-def label(span: Span | None, name: str, cause: str, action: str, **attrs: Any) -> None:
-    """A detection or recovery on ``span``: an event with its cause and the action taken."""
-    if span is None or not span.is_recording():
-        return
-    fields: dict[str, Any] = {"watchdog.cause": cause, "watchdog.action": action}
+def attributes(**attrs: Any) -> dict[str, Any]:
+    """``watchdog.<key>`` span attributes: None left out, other values made ones
+    OpenTelemetry takes (lists of strings, or strings)."""
+    out: dict[str, Any] = {}
     for key, value in attrs.items():
         if value is None:
             continue
@@ -314,8 +312,15 @@ def label(span: Span | None, name: str, cause: str, action: str, **attrs: Any) -
             value = [str(v) for v in value]
         elif not isinstance(value, (str, bool, int, float)):
             value = str(value)
-        fields[f"watchdog.{key}"] = value
-    span.add_event(name, fields)
+        out[f"watchdog.{key}"] = value
+    return out
+
+
+def label(span: Span | None, name: str, cause: str, action: str, **attrs: Any) -> None:
+    """A detection or recovery on ``span``: an event with its cause and the action taken."""
+    if span is None or not span.is_recording():
+        return
+    span.add_event(name, attributes(cause=cause, action=action, **attrs))
 
 
 def fail(span: Span | None, message: str) -> None:
@@ -355,7 +360,7 @@ class RequestSpans:
         if parent is None or not enabled():
             return
         span = tracer(self._tracer_name).start_span(
-            name, context=parent, kind=kind, attributes=_attrs(req_id, attrs)
+            name, context=parent, kind=kind, attributes=attributes(request_id=req_id, **attrs)
         )
         with self._lock:
             if len(self._open) >= self._limit:  # requests vLLM never ended: keep the newest
@@ -373,7 +378,7 @@ class RequestSpans:
             ctx = trace.set_span_in_context(stack[-1])
             stack.append(
                 tracer(self._tracer_name).start_span(
-                    name, context=ctx, attributes=_attrs(req_id, attrs)
+                    name, context=ctx, attributes=attributes(request_id=req_id, **attrs)
                 )
             )
 
@@ -415,16 +420,8 @@ class RequestSpans:
         return req_id in self._open
 
 
-def _attrs(req_id: str, attrs: Mapping[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {"watchdog.request_id": req_id}
-    out.update({f"watchdog.{k}": v for k, v in attrs.items() if v is not None})
-    return out
-
-
 def _set(span: Span, attrs: Mapping[str, Any]) -> None:
-    for key, value in attrs.items():
-        if value is not None:
-            span.set_attribute(f"watchdog.{key}", value)
+    span.set_attributes(attributes(**attrs))
 
 
 def _ids(span: Span) -> tuple[str, str] | None:
