@@ -231,3 +231,37 @@ def test_service_collector_sums_processes_and_keeps_dead_ones(tmp_path):
         tuple(s.labels.values()): s.value for s in again["watchdog_kv_deadline_misses"].samples
     }
     assert misses[("kv_handshake", "decode-0")] == 2
+
+
+# --- the router's spans ------------------------------------------------------------------------
+
+
+def test_router_call_spans_label_failures_and_detections(spans):
+    from types import SimpleNamespace
+
+    from watchdog_kv.router.handoff import Backend, HandoffError
+    from watchdog_kv.router.spans import InFlight, RequestTrace
+
+    inflight = InFlight()
+    request = RequestTrace(SimpleNamespace(headers={}), "/v1/completions", "r1", inflight, False)
+    decode = Backend("decode-0", "http://127.0.0.1:9")
+    with pytest.raises(HandoffError), request.call("decode", decode, kv="remote") as call:
+        params = call.params({"remote_engine_id": "e"})
+        assert tracing.context_from(params[tracing.TRACE_PARAM]) is not None
+        assert inflight.label("decode-0", "watchdog.stall_detected", "stall", "abort") == 1
+        raise HandoffError(504, "decode server decode-0 went silent for 5 s", "decode_timeout")
+    assert inflight.label("decode-0", "watchdog.stall_detected", "stall", "abort") == 0
+    request.finish(200, ["decode_retry"], ["decode-0", "decode-1"], None)
+    found = _by_name(spans)
+    (root,) = found["POST /v1/completions"]
+    (span,) = found["decode"]
+    assert span.parent.span_id == root.context.span_id
+    assert params[tracing.TRACE_PARAM].split("-")[2] == format(span.context.span_id, "016x")
+    (failed,) = span.events
+    assert (failed.attributes["watchdog.cause"], failed.attributes["watchdog.action"]) == (
+        "stall",
+        "next rung",
+    )
+    assert [e.name for e in root.events] == ["watchdog.stall_detected"]
+    assert root.attributes["watchdog.recovery"] == "decode_retry"
+    assert "watchdog.prompt" not in root.attributes  # text only when enabled
