@@ -180,6 +180,9 @@ def test_a_load_past_its_deadline_carries_the_detection_and_the_recovery(spans):
     missed = [e for e in pull.events if e.name == "kv.deadline_missed"]
     assert missed and missed[0].attributes["watchdog.cause"] == "transport"
     assert ("kv.recovered", "transport", "recompute the prompt here") in events
+    # the phase that missed its deadline is an error; the recovered load is not
+    assert not pull.status.is_ok and pull.attributes["watchdog.outcome"] == "timed_out"
+    assert load.status.is_ok
 
 
 def test_log_events_carry_the_trace_of_their_request(spans, capsys):

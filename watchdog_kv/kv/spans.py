@@ -43,6 +43,7 @@ _PHASE_SPANS = {
     Recv.VERIFYING: "kv.lease_check",
 }
 _TERMINAL = (Recv.RECEIVED, Recv.RECOMPUTED, Recv.FAILED, Recv.ABORTED)
+_PHASE_FAILED = (Recv.TIMED_OUT, Recv.BROKEN, Recv.STALE)
 
 # event name -> (cause, action) when the event itself does not say
 _EVENTS = {
@@ -93,7 +94,9 @@ class KVSpans:
         with contained("kv.trace", on_error=self._off):
             before, after = Recv(old), Recv(new)
             if before in _PHASE_SPANS:
-                self.loads.leave(req_id, outcome=after.value)
+                # the phase itself failed (the load above it may still recover)
+                error = after.value if after in _PHASE_FAILED else None
+                self.loads.leave(req_id, error=error, outcome=after.value)
             if after in _PHASE_SPANS:
                 self.loads.enter(req_id, _PHASE_SPANS[after])
             if after in _TERMINAL:

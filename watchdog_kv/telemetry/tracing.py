@@ -382,14 +382,16 @@ class RequestSpans:
                 )
             )
 
-    def leave(self, req_id: str, **attrs: Any) -> None:
-        """End the innermost phase span (never the root)."""
+    def leave(self, req_id: str, error: str | None = None, **attrs: Any) -> None:
+        """End the innermost phase span (never the root); ``error`` marks it failed."""
         with self._lock:
             stack = self._open.get(req_id)
             if not stack or len(stack) < 2:
                 return
             span = stack.pop()
         _set(span, attrs)
+        if error is not None:
+            fail(span, error)
         span.end()
 
     def label(self, req_id: str, name: str, cause: str, action: str, **attrs: Any) -> None:
