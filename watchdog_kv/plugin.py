@@ -131,7 +131,9 @@ def register() -> Registration:
             reg.record = record
             reg.record_path = str(process.write_record(settings.state_dir, record))
             if reg.identity.role in ("engine_core", "worker"):
-                reg.metrics_stop = metrics.publish_every(2.0, _publisher(reg, "metrics"))
+                reg.metrics_stop = metrics.publish_every(
+                    2.0, _publisher(reg, "metrics"), also=kv_hooks.flush
+                )
             _log.info(
                 "watchdog_kv.registered",
                 process_name=reg.identity.process_name,

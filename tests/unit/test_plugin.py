@@ -117,3 +117,32 @@ def test_import_arms_registration_until_vllm_is_imported(tmp_path):
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["frontend", "True", "True"]
+
+
+def test_a_kv_status_change_held_back_by_the_throttle_is_published_later(monkeypatch):
+    """The worker writes its KV status at most once a second from the engine step; the
+    last change must still reach the status record (the plugin's thread flushes it)."""
+    from watchdog_kv.kv import hooks as kv_hooks
+
+    published: list[dict] = []
+
+    class Watch:
+        connector = object()
+        loading = 0
+
+        def status(self) -> dict:
+            return {"loading": self.loading}
+
+    watch = Watch()
+    monkeypatch.setattr(kv_hooks, "_publish", published.append)
+    monkeypatch.setattr(kv_hooks, "_watches", [watch])
+    changed = kv_hooks._throttled_publisher(watch)
+    watch.loading = 1
+    changed()
+    watch.loading = 0  # within the second: held back
+    changed()
+    assert [p["loading"] for p in published] == [1]
+    kv_hooks.flush()
+    assert [p["loading"] for p in published] == [1, 0]
+    kv_hooks.flush()  # nothing new
+    assert len(published) == 2

@@ -49,6 +49,7 @@ _rank: int = 0
 _publish: Callable[[dict[str, Any]], None] | None = None
 _patches = ClassPatches()
 _watches: list[Any] = []
+_held_back: set[int] = set()  # ids of watches with a change the throttle has not published
 _armed_hooks = False
 
 
@@ -78,6 +79,7 @@ def uninstall() -> None:
         for watch in _watches:
             watch.unhook()
         _watches.clear()
+        _held_back.clear()
         _patches.undo()
         _settings = None
 
@@ -198,13 +200,29 @@ def _report(watch: Any, side: str) -> None:
 
 
 def _throttled_publisher(watch: Any) -> Callable[[], None]:
+    """At most one status write a second from the engine step; a change held back is
+    written by :func:`flush`."""
     last = [0.0]
 
     def changed() -> None:
         now = time.monotonic()
-        if now - last[0] < 1.0:
-            return
-        last[0] = now
+        with _lock:
+            if now - last[0] < 1.0:
+                _held_back.add(id(watch))
+                return
+            last[0] = now
+            _held_back.discard(id(watch))
         _report(watch, "worker")
 
     return changed
+
+
+def flush() -> None:
+    """Publish the status changes the throttle held back (the plugin calls this every few
+    seconds from its own thread), so the status record ends up with the last state."""
+    with _lock:
+        due = [w for w in _watches if id(w) in _held_back]
+        _held_back.clear()
+    for watch in due:
+        with contained("kv.status"):
+            _report(watch, "worker")

@@ -94,9 +94,14 @@ def local() -> ProcessMetrics:
     return metrics
 
 
-def publish_every(seconds: float, publish: Callable[[dict[str, Any]], None]) -> threading.Event:
+def publish_every(
+    seconds: float,
+    publish: Callable[[dict[str, Any]], None],
+    also: Callable[[], None] | None = None,
+) -> threading.Event:
     """Hand a snapshot of :func:`local` to ``publish`` whenever it changed, at most every
-    ``seconds``, from a thread of ours. Set the returned event to stop."""
+    ``seconds``, from a thread of ours, and call ``also`` each time round. Set the
+    returned event to stop."""
     stop = threading.Event()
 
     def run() -> None:
@@ -106,6 +111,8 @@ def publish_every(seconds: float, publish: Callable[[dict[str, Any]], None]) -> 
             if metrics.version != seen:
                 seen = metrics.version
                 publish(metrics.snapshot())
+            if also is not None:
+                also()
 
     threads.start(run, "watchdog_kv-metrics")
     return stop
