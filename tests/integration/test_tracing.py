@@ -5,7 +5,7 @@ Docker), so the spans go to Arize Phoenix, a trace backend from PyPI that takes
 OTLP over gRPC and over HTTP, stores the spans and answers queries for them
 (``GET /v1/projects/default/spans?trace_id=...``). Phoenix's dependencies clash
 with vLLM's, so ``nox -s tests`` installs it into a virtual environment of its own
-and names its ``phoenix`` command in ``WATCHDOG_KV_TEST_PHOENIX``; without it these
+and names its ``phoenix`` command in ``TEST_PHOENIX_COMMAND``; without it these
 tests skip and say so.
 
 One Phoenix for the module, and one traced prefill/decode service per OTLP
@@ -48,7 +48,7 @@ from .test_engine_stalls import wait_progressing
 pytestmark = [pytest.mark.vllm, requires_vllm]
 
 MODEL = "watchdog-kv-tiny"
-PHOENIX = os.environ.get("WATCHDOG_KV_TEST_PHOENIX", "")
+PHOENIX = os.environ.get("TEST_PHOENIX_COMMAND", "")
 PREFILL_TIMEOUT_S = 8  # the router's prefill call timeout in the traced services
 SPANS_DEADLINE_S = 60  # for every expected span to be exported and stored
 ROOT = "POST /v1/completions"
@@ -134,7 +134,7 @@ def _events(span: dict) -> list[tuple[str, str, str]]:
 def phoenix(tmp_path_factory):
     if not PHOENIX or not Path(PHOENIX).exists():
         pytest.skip(
-            "no trace backend: WATCHDOG_KV_TEST_PHOENIX does not name Arize Phoenix's "
+            "no trace backend: TEST_PHOENIX_COMMAND does not name Arize Phoenix's "
             "`phoenix` command; `nox -s tests` installs it and sets it"
         )
     work = tmp_path_factory.mktemp("phoenix")
