@@ -1,0 +1,417 @@
+"""``nox -s soak``: many requests through the router while faults of every kind land at random.
+
+One supervised service (one prefill, two decodes) runs with the rehearsal faults
+configured (``WATCHDOG_KV_FAULT``: slow, dropped and corrupted KV transfers on
+every hand-off at the given rates, and the armable step and heartbeat stalls).
+Clients send ``--requests`` completions (streamed and not) through the router
+while a seeded schedule injects, one at a time:
+
+* from inside: a worker step holding the GIL (``stall_step``), the NIXL
+  heartbeat send holding it (``stall_notif``), on a random server;
+* from outside: SIGSTOP of a server's engine processes for a few seconds, then
+  SIGCONT; SIGKILL of a whole server (the supervisor restarts it).
+
+Then it checks, and exits 1 if any check fails:
+
+* **no request hangs**: every request ends within the request budget (plus the
+  client's slack);
+* **every answer is right or a clear error**: each 200 answer equals the decode
+  computing the same prompt itself (greedy, prefix cache bypassed); every other
+  answer is an HTTP error or a stream error event with a message;
+* **no KV blocks leak**: once the load is over and the leases have run out, every
+  server's KV cache usage (vLLM's own ``vllm:kv_cache_usage_perc``) is back to 0,
+  and the watch has no load or lease left open;
+* **no watchdog error reaches vLLM**: no ``watchdog_kv.internal_error`` in any
+  server log, and no traceback through watchdog_kv.
+
+The same seed gives the same prompts and the same fault schedule (what the
+machine does with them still varies: timings are real).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import signal
+import sys
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import psutil
+from prometheus_client.parser import text_string_to_metric_families
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from integration.load import prompts
+from integration.stack import MODEL, Service, text_of
+from watchdog_kv import faults
+
+__all__ = ["main"]
+
+BUDGET_S = 90  # WATCHDOG_KV_REQUEST_BUDGET of the soaked service
+CLIENT_SLACK_S = 30  # beyond the budget, a request counts as hung
+LEASE_S = 10  # the NIXL lease of the soaked service: blocks of unread hand-offs come back
+SERVERS = ("prefill-0", "decode-0", "decode-1")
+FAULT_ENV = "delay:0.3,drop:0.05,corrupt:0.05,stall_step:15,stall_notif:15"
+
+
+@dataclass
+class Outcome:
+    prompt: str
+    stream: bool
+    status: int  # 0: the client gave up (a hang)
+    text: str | None = None
+    error: str | None = None
+    seconds: float = 0.0
+    recovery: str | None = None
+
+
+@dataclass
+class Soak:
+    outcomes: list[Outcome] = field(default_factory=list)
+    injected: Counter[str] = field(default_factory=Counter)
+    schedule: list[dict[str, Any]] = field(default_factory=list)
+    checks: dict[str, Any] = field(default_factory=dict)
+    failures: list[str] = field(default_factory=list)
+
+
+# --- clients ---------------------------------------------------------------------------------
+
+
+async def _one(http: aiohttp.ClientSession, url: str, prompt: str, stream: bool) -> Outcome:
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": 24, "temperature": 0}
+    if stream:
+        body["stream"] = True
+    t0 = time.monotonic()
+    out = Outcome(prompt, stream, 0)
+    try:
+        async with http.post(f"{url}/v1/completions", json=body) as resp:
+            out.status = resp.status
+            out.recovery = resp.headers.get("X-Watchdog-Recovery")
+            if resp.status != 200:
+                raw = await resp.text()
+                out.error = _message(raw) or f"HTTP {resp.status} with no message: {raw[:200]}"
+            elif not stream:
+                out.text = text_of(await resp.json())
+            else:
+                parts, done = [], False
+                async for line in resp.content:
+                    data = line.strip()
+                    if not data.startswith(b"data:"):
+                        continue
+                    data = data[5:].strip()
+                    if data == b"[DONE]":
+                        done = True
+                        break
+                    event = json.loads(data)
+                    if "error" in event:
+                        out.error = _message(json.dumps(event)) or "stream error event"
+                        break
+                    parts.extend(c.get("text") or "" for c in event.get("choices") or [])
+                if out.error is None:
+                    out.text = "".join(parts)
+                    if not done:
+                        out.error = "stream ended without [DONE] or an error event"
+                        out.text = None
+    except TimeoutError:
+        out.status, out.error = 0, f"no answer within {BUDGET_S + CLIENT_SLACK_S} s"
+    except aiohttp.ClientError as exc:
+        out.status, out.error = -1, f"connection: {type(exc).__name__}: {exc}"
+    out.seconds = time.monotonic() - t0
+    return out
+
+
+def _message(raw: str) -> str | None:
+    try:
+        err = json.loads(raw).get("error")
+    except (ValueError, AttributeError):
+        return None
+    if isinstance(err, dict):
+        return err.get("message") or None
+    return str(err) if err else None
+
+
+async def _clients(url: str, work: list[tuple[str, bool]], concurrency: int, soak: Soak, tick):
+    queue = list(reversed(work))
+    timeout = aiohttp.ClientTimeout(total=BUDGET_S + CLIENT_SLACK_S)
+    async with aiohttp.ClientSession(timeout=timeout) as http:
+
+        async def client() -> None:
+            while queue:
+                prompt, stream = queue.pop()
+                soak.outcomes.append(await _one(http, url, prompt, stream))
+                tick()
+
+        await asyncio.gather(*(client() for _ in range(concurrency)))
+
+
+# --- faults ----------------------------------------------------------------------------------
+
+
+class Injector(threading.Thread):
+    """Injects the seeded schedule of faults, one at a time, until stopped."""
+
+    def __init__(self, svc: Service, rng: random.Random, every_s: float, soak: Soak) -> None:
+        super().__init__(daemon=True, name="soak-faults")
+        self.svc, self.rng, self.every_s, self.soak = svc, rng, every_s, soak
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        kinds = ["stall_step", "stall_notif", "sigstop", "sigkill"]
+        weights = [3, 2, 3, 1]
+        while not self.done.wait(self.rng.uniform(0.5, 1.5) * self.every_s):
+            kind = self.rng.choices(kinds, weights)[0]
+            server = self.rng.choice(SERVERS)
+            pause = round(self.rng.uniform(3.0, 15.0), 1)  # detected past the 10 s floor
+            try:
+                self.inject(kind, server, pause)
+            except (OSError, KeyError, ValueError, psutil.Error) as exc:
+                self.soak.schedule.append({"kind": kind, "server": server, "skipped": str(exc)})
+
+    def inject(self, kind: str, server: str, pause: float) -> None:
+        entry = {"at": time.time(), "kind": kind, "server": server}
+        if kind in ("stall_step", "stall_notif"):
+            faults.arm(self.svc.run_dir, server, kind)
+        elif kind == "sigstop":
+            if self.svc.server(server)["state"] != "ready":
+                raise ValueError(f"{server} is not ready")
+            pids = self.svc.engine_pids(server)
+            entry["seconds"] = pause
+            for pid in pids:
+                os.kill(pid, signal.SIGSTOP)
+            try:
+                self.done.wait(pause)
+            finally:
+                for pid in pids:
+                    os.kill(pid, signal.SIGCONT)
+        elif kind == "sigkill":
+            info = self.svc.server(server)
+            if info["state"] != "ready":
+                raise ValueError(f"{server} is not ready")
+            os.killpg(os.getpgid(info["pid"]), signal.SIGKILL)
+        self.soak.injected[kind] += 1
+        self.soak.schedule.append(entry)
+
+
+# --- checks ----------------------------------------------------------------------------------
+
+
+def kv_usage(url: str) -> float:
+    import urllib.request
+
+    with urllib.request.urlopen(f"{url}/metrics", timeout=30) as resp:
+        text = resp.read().decode()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "vllm:kv_cache_usage_perc":
+                return sample.value
+    raise KeyError("vllm:kv_cache_usage_perc not in the server's /metrics")
+
+
+def open_kv_work(svc: Service) -> dict[str, int]:
+    """KV loads and leases the watch still has open, per worker (its status record)."""
+    out = {}
+    for r in svc.status()["processes"]:
+        kv = r.get("kv") or {}
+        n = len(kv.get("loading") or {}) + int(kv.get("leases_kept") or 0)
+        if n:
+            out[f"{r['server']}/{r['role']}/{r['pid']}"] = n
+    return out
+
+
+def wait_quiet(svc: Service, timeout_s: float) -> dict[str, float]:
+    """Every server ready, progressing and with no KV blocks in use; the last readings."""
+    deadline = time.monotonic() + timeout_s
+    usage: dict[str, float] = {}
+    while True:
+        servers = svc.status()["servers"]
+        if all(s["state"] == "ready" for s in servers.values()) and svc.progressing():
+            usage = {name: kv_usage(s["url"]) for name, s in servers.items()}
+            if not any(usage.values()):
+                return usage
+        if time.monotonic() > deadline:
+            return usage or {name: float("nan") for name in servers}
+        time.sleep(1)
+
+
+def watchdog_errors(svc: Service) -> list[str]:
+    found = []
+    logs = [Path(s["log"]) for s in svc.status()["servers"].values()]
+    logs += sorted((svc.run_dir / "logs").glob("*.log"))  # restarted servers' earlier logs
+    for log in dict.fromkeys(logs):
+        text = log.read_text(errors="replace") if log.exists() else ""
+        for i, line in enumerate(text.splitlines()):
+            if "watchdog_kv.internal_error" in line:
+                found.append(f"{log.name}:{i + 1}: {line[:300]}")
+        for block in text.split("Traceback (most recent call last):")[1:]:
+            frames = block.split("\n\n")[0]
+            if "watchdog_kv" in frames and "faults.py" not in frames:
+                found.append(f"{log.name}: traceback through watchdog_kv: {frames[-300:]}")
+    return found
+
+
+def check(svc: Service, soak: Soak, console: Console) -> None:
+    hung = [o for o in soak.outcomes if o.status == 0]
+    unclear = [o for o in soak.outcomes if o.status != 200 and not o.error]
+    answered = [o for o in soak.outcomes if o.status == 200 and o.text is not None]
+    errors = [o for o in soak.outcomes if o.error]
+    console.print("[dim]computing the local references...[/]")
+    wrong = []
+    references: dict[str, str] = {}
+    for o in answered:
+        if o.prompt not in references:
+            references[o.prompt] = svc.local("decode-0", o.prompt, max_tokens=24)
+        if o.text != references[o.prompt]:
+            wrong.append(o)
+    console.print(f"[dim]waiting for the KV leases ({LEASE_S} s) and restarts to settle...[/]")
+    usage = wait_quiet(svc, timeout_s=LEASE_S * 3 + 240)
+    leaked = {name: u for name, u in usage.items() if u != 0}
+    still_open = open_kv_work(svc)
+    internal = watchdog_errors(svc)
+    soak.checks = {
+        "requests": len(soak.outcomes),
+        "answered_right": len(answered) - len(wrong),
+        "answered_wrong": [(o.prompt, o.text, references.get(o.prompt)) for o in wrong],
+        "clear_errors": Counter(_kind(o.error) for o in errors),
+        "unclear_errors": [(o.status, o.prompt) for o in unclear],
+        "hung": [o.prompt for o in hung],
+        "kv_cache_usage_after": usage,
+        "kv_work_still_open": still_open,
+        "watchdog_errors": internal,
+        "recoveries": Counter(o.recovery for o in soak.outcomes if o.recovery),
+    }
+    if hung:
+        soak.failures.append(f"{len(hung)} request(s) hung")
+    if wrong:
+        soak.failures.append(f"{len(wrong)} answer(s) differ from the local reference")
+    if unclear:
+        soak.failures.append(f"{len(unclear)} error(s) without a message")
+    if leaked:
+        soak.failures.append(f"KV blocks still in use after the soak: {leaked}")
+    if still_open:
+        soak.failures.append(f"the watch still has KV work open: {still_open}")
+    if internal:
+        soak.failures.append(f"{len(internal)} watchdog error(s) in vLLM's logs")
+
+
+def _kind(error: str | None) -> str:
+    text = (error or "").lower()
+    for key in ("stalled", "budget", "did not answer", "unreachable", "restart", "connection"):
+        if key in text:
+            return key
+    return text[:40]
+
+
+def table(soak: Soak) -> Table:
+    c = soak.checks
+    t = Table(title="watchdog_kv soak")
+    t.add_column("check")
+    t.add_column("result", justify="right")
+    t.add_column("detail")
+    t.add_row("requests", str(c["requests"]), "")
+    t.add_row("answers equal to the local reference", str(c["answered_right"]), "")
+    t.add_row("wrong answers", str(len(c["answered_wrong"])), "")
+    t.add_row(
+        "clear errors",
+        str(sum(c["clear_errors"].values())),
+        ", ".join(f"{k}: {n}" for k, n in c["clear_errors"].items()),
+    )
+    t.add_row("errors without a message", str(len(c["unclear_errors"])), "")
+    t.add_row("hung requests", str(len(c["hung"])), f"> {BUDGET_S + CLIENT_SLACK_S} s")
+    t.add_row(
+        "recovered by the router",
+        str(sum(n for k, n in c["recoveries"].items() if k != "none")),
+        ", ".join(f"{k}: {n}" for k, n in c["recoveries"].items() if k != "none"),
+    )
+    t.add_row(
+        "faults injected",
+        str(sum(soak.injected.values())),
+        ", ".join(f"{k}: {n}" for k, n in soak.injected.items()) + f"; always on: {FAULT_ENV}",
+    )
+    t.add_row(
+        "KV cache in use after",
+        f"{max(c['kv_cache_usage_after'].values(), default=0):g}",
+        ", ".join(f"{k}: {v:g}" for k, v in c["kv_cache_usage_after"].items()),
+    )
+    t.add_row("KV loads/leases still open", str(sum(c["kv_work_still_open"].values())), "")
+    t.add_row("watchdog errors in vLLM logs", str(len(c["watchdog_errors"])), "")
+    return t
+
+
+def run(args: argparse.Namespace, console: Console) -> Soak:
+    rng = random.Random(args.seed)
+    soak = Soak()
+    work = [(p, rng.random() < 0.5) for p in prompts(rng, args.requests)]
+    svc = Service(
+        "soak",
+        args.out / "run",
+        env={
+            "WATCHDOG_KV_FAULT": FAULT_ENV,
+            "WATCHDOG_KV_FAULT_SEED": str(args.seed),
+            "WATCHDOG_KV_REQUEST_BUDGET": str(BUDGET_S),
+        },
+        args=("--decode", "2", "--kv-lease", str(LEASE_S)),
+    )
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
+    try:
+        with Progress(*columns, TimeElapsedColumn(), console=console) as progress:
+            task = progress.add_task("starting the service (1 prefill, 2 decodes)", total=None)
+            svc.start()
+            svc.wait_ready()
+            progress.update(task, description="requests", total=len(work), completed=0)
+            injector = Injector(svc, random.Random(rng.random()), args.fault_every, soak)
+            injector.start()
+            try:
+                asyncio.run(
+                    _clients(svc.url, work, args.concurrency, soak, lambda: progress.advance(task))
+                )
+            finally:
+                injector.done.set()
+                injector.join()
+        check(svc, soak, console)
+    finally:
+        svc.stop()
+    return soak
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="nox -s soak --", description=__doc__.split("\n\n")[0])
+    p.add_argument("--requests", type=int, default=150)
+    p.add_argument("--concurrency", type=int, default=4)
+    p.add_argument("--fault-every", type=float, default=8.0, help="mean seconds between faults")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=Path("bench-results") / "soak")
+    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    # SIGTERM unwinds like Ctrl-C, so the service is stopped
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    console = Console()
+    soak = run(args, console)
+    args.out.mkdir(parents=True, exist_ok=True)
+    record = {
+        "seed": args.seed,
+        "requests": args.requests,
+        "fault_env": FAULT_ENV,
+        "injected": soak.injected,
+        "schedule": soak.schedule,
+        "checks": soak.checks,
+        "failures": soak.failures,
+        "outcomes": [vars(o) for o in soak.outcomes],
+    }
+    (args.out / "soak.json").write_text(json.dumps(record, indent=1, default=str))
+    console.print(table(soak))
+    for failure in soak.failures:
+        console.print(f"[red]check failed:[/] {failure}")
+    return 1 if soak.failures else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
