@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -170,12 +171,19 @@ class Injector(threading.Thread):
         weights = [3, 2, 3, 1]
         while not self.done.wait(self.rng.uniform(0.5, 1.5) * self.every_s):
             kind = self.rng.choices(kinds, weights)[0]
-            server = self.rng.choice(SERVERS)
+            # the heartbeat is sent by the side that reads KV: a decode
+            server = self.rng.choice(SERVERS[1:] if kind == "stall_notif" else SERVERS)
             pause = round(self.rng.uniform(3.0, 15.0), 1)  # detected past the 10 s floor
             try:
                 self.inject(kind, server, pause)
             except (OSError, KeyError, ValueError, psutil.Error) as exc:
                 self.soak.schedule.append({"kind": kind, "server": server, "skipped": str(exc)})
+
+    def disarm_all(self) -> None:
+        """Stalls armed but never reached (no step came) must not fire after the soak."""
+        for server in SERVERS:
+            for kind in ("stall_step", "stall_notif"):
+                faults.disarm(self.svc.run_dir, server, kind)
 
     def inject(self, kind: str, server: str, pause: float) -> None:
         entry = {"at": time.time(), "kind": kind, "server": server}
@@ -184,15 +192,18 @@ class Injector(threading.Thread):
         elif kind == "sigstop":
             if self.svc.server(server)["state"] != "ready":
                 raise ValueError(f"{server} is not ready")
-            pids = self.svc.engine_pids(server)
             entry["seconds"] = pause
-            for pid in pids:
-                os.kill(pid, signal.SIGSTOP)
+            stopped = []
             try:
+                for pid in self.svc.engine_pids(server):
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGSTOP)
+                        stopped.append(pid)
                 self.done.wait(pause)
             finally:
-                for pid in pids:
-                    os.kill(pid, signal.SIGCONT)
+                for pid in stopped:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGCONT)
         elif kind == "sigkill":
             info = self.svc.server(server)
             if info["state"] != "ready":
@@ -264,6 +275,15 @@ def check(svc: Service, soak: Soak, console: Console) -> None:
     unclear = [o for o in soak.outcomes if o.status != 200 and not o.error]
     answered = [o for o in soak.outcomes if o.status == 200 and o.text is not None]
     errors = [o for o in soak.outcomes if o.error]
+    console.print("[dim]waiting for every server to be ready and progressing...[/]")
+    deadline = time.monotonic() + 300
+    while not (
+        all(s["state"] == "ready" for s in svc.status()["servers"].values()) and svc.progressing()
+    ):
+        if time.monotonic() > deadline:
+            soak.failures.append("the service did not come back ready within 300 s")
+            return
+        time.sleep(1)
     console.print("[dim]computing the local references...[/]")
     wrong = []
     references: dict[str, str] = {}
@@ -377,6 +397,7 @@ def run(args: argparse.Namespace, console: Console) -> Soak:
             finally:
                 injector.done.set()
                 injector.join()
+                injector.disarm_all()
         check(svc, soak, console)
     finally:
         svc.stop()
@@ -407,7 +428,8 @@ def main(argv: list[str] | None = None) -> int:
         "outcomes": [vars(o) for o in soak.outcomes],
     }
     (args.out / "soak.json").write_text(json.dumps(record, indent=1, default=str))
-    console.print(table(soak))
+    if soak.checks:
+        console.print(table(soak))
     for failure in soak.failures:
         console.print(f"[red]check failed:[/] {failure}")
     return 1 if soak.failures else 0

@@ -28,9 +28,12 @@ from typing import Any
 import psutil
 
 from watchdog_kv.supervisor.ports import free_port
+from watchdog_kv.supervisor.process import ManagedProcess
+from watchdog_kv.supervisor.servers import ServerSpec
 
 __all__ = [
     "MODEL",
+    "PlainServer",
     "Service",
     "StartupFailed",
     "complete",
@@ -99,6 +102,84 @@ def log_events(path: Path, name: str) -> list[dict[str, Any]]:
     return out
 
 
+def _base_env(plugin: bool) -> dict[str, str]:
+    """The caller's environment without its WATCHDOG_KV_* settings (the model cache kept);
+    without the plugin, vLLM loads every general plugin but watchdog_kv."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WATCHDOG_KV_")}
+    if "WATCHDOG_KV_CACHE_DIR" in os.environ:  # the embedded model, built once
+        env["WATCHDOG_KV_CACHE_DIR"] = os.environ["WATCHDOG_KV_CACHE_DIR"]
+    env["WATCHDOG_KV_LOG_FORMAT"] = "json"
+    if not plugin:
+        env["VLLM_PLUGINS"] = stock_plugins()
+    return env
+
+
+def _wait_healthy(url: str, exited, log: Path, name: str, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if exited():
+            raise StartupFailed(f"{name} exited:\n{log.read_text()[-3000:]}")
+        with (
+            contextlib.suppress(OSError, ValueError),
+            urllib.request.urlopen(f"{url}/health", timeout=5) as resp,
+        ):
+            if resp.status == 200:
+                return
+        if time.monotonic() > deadline:
+            raise StartupFailed(f"{name} not healthy after {timeout_s:g} s")
+        time.sleep(1)
+
+
+@dataclass
+class PlainServer:
+    """One stock vLLM OpenAI server on the embedded model, no KV connector, no supervisor:
+    the plugin's cost inside vLLM, and nothing else, when compared with ``plugin=False``."""
+
+    name: str
+    run_dir: Path
+    plugin: bool = True
+    proc: ManagedProcess | None = None
+    port: int = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        from watchdog_kv import config, model
+
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        base = _base_env(self.plugin)
+        self.port = free_port("127.0.0.1", set())
+        spec = ServerSpec(
+            name="plain-0",
+            role="plain",
+            model=model.build(config.load(base).cache_dir),
+            served_model_name=MODEL,
+            host="127.0.0.1",
+            port=self.port,
+            side_channel_port=0,
+        )
+        env = spec.env(base, self.run_dir / "state")
+        self.proc = ManagedProcess(self.name, spec.argv(), env, self.run_dir / "server.log")
+        self.proc.start()
+
+    def wait_ready(self, timeout_s: float = STARTUP_DEADLINE_S) -> None:
+        assert self.proc is not None
+        proc = self.proc
+        _wait_healthy(
+            self.url,
+            lambda: proc.poll() is not None,
+            self.run_dir / "server.log",
+            self.name,
+            timeout_s,
+        )
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.stop(grace=30)
+
+
 @dataclass
 class Service:
     """``watchdog-kv serve`` in its own process group; stopped by its pid."""
@@ -122,12 +203,7 @@ class Service:
     def start(self) -> None:
         """Spawn the service; :meth:`wait_ready` waits for it."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        env = {k: v for k, v in os.environ.items() if not k.startswith("WATCHDOG_KV_")}
-        if "WATCHDOG_KV_CACHE_DIR" in os.environ:  # the embedded model, built once
-            env["WATCHDOG_KV_CACHE_DIR"] = os.environ["WATCHDOG_KV_CACHE_DIR"]
-        env["WATCHDOG_KV_LOG_FORMAT"] = "json"
-        if not self.plugin:
-            env["VLLM_PLUGINS"] = stock_plugins()
+        env = _base_env(self.plugin)
         env.update(self.env)
         self.port = free_port("127.0.0.1", set())
         self.proc = subprocess.Popen(
@@ -144,19 +220,8 @@ class Service:
 
     def wait_ready(self, timeout_s: float = STARTUP_DEADLINE_S) -> None:
         assert self.proc is not None
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if self.proc.poll() is not None:
-                raise StartupFailed(f"{self.name} exited:\n{self.log.read_text()[-3000:]}")
-            with (
-                contextlib.suppress(OSError, ValueError),
-                urllib.request.urlopen(f"{self.url}/health", timeout=5) as resp,
-            ):
-                if resp.status == 200:
-                    return
-            if time.monotonic() > deadline:
-                raise StartupFailed(f"{self.name} not healthy after {timeout_s:g} s")
-            time.sleep(1)
+        proc = self.proc
+        _wait_healthy(self.url, lambda: proc.poll() is not None, self.log, self.name, timeout_s)
 
     def status(self) -> dict[str, Any]:
         with urllib.request.urlopen(f"{self.url}/watchdog/status", timeout=30) as resp:
@@ -169,7 +234,7 @@ class Service:
         return [
             r["pid"]
             for r in self.status()["processes"]
-            if r["server"] == server and r["role"] == role
+            if r["server"] == server and r["role"] == role and r["alive"]
         ]
 
     def engine_pids(self, server: str) -> list[int]:
@@ -177,7 +242,7 @@ class Service:
         return [
             r["pid"]
             for r in self.status()["processes"]
-            if r["server"] == server and r["role"] in ("engine_core", "worker")
+            if r["server"] == server and r["role"] in ("engine_core", "worker") and r["alive"]
         ]
 
     def progressing(self) -> bool:
