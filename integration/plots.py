@@ -121,7 +121,8 @@ def _stalls(res: Results):
         ylabel="seconds after the stall began",
         title="step-stall detection",
     )
-    ax.set_ylim(bottom=0)
+    top = max(max(s["detected_after_s"], s["deadline_s"]) for s in found)
+    ax.set_ylim(0, top * 1.2)
     ax.legend(fontsize=8)
     return fig
 
