@@ -188,3 +188,37 @@ def test_round_robin_per_role():
 def test_bad_topology_stops_before_anything_starts(args, fragment, capsys):
     assert cli.main(["serve", "--port", "1", *args]) == cli.EXIT_USAGE
     assert fragment in capsys.readouterr().err
+
+
+def test_no_server_available_names_every_one_and_why():
+    """Two decodes, both stalled (or one starting): the client's 503 names each, not the
+    first one only."""
+    from types import SimpleNamespace
+
+    from watchdog_kv.router.ladder import Ladder
+
+    def refusal(health: dict) -> tuple[str, str]:
+        backends = SimpleNamespace(health=lambda: health)
+        err = Ladder._unavailable(SimpleNamespace(backends=backends), "decode")
+        return err.kind, err.message
+
+    stall = "stuck in its step for 12.0 s (deadline 10.0 s)"
+    kind, message = refusal(
+        {
+            "prefill-0": {"role": "prefill", "state": "ready", "stalls": []},
+            "decode-0": {"role": "decode", "state": "ready", "stalls": [stall]},
+            "decode-1": {"role": "decode", "state": "ready", "stalls": [stall]},
+        }
+    )
+    assert kind == "server_stalled"
+    assert message.count("is stalled") == 2 and "decode-0" in message and "decode-1" in message
+    assert "prefill-0" not in message
+    kind, message = refusal(
+        {
+            "decode-0": {"role": "decode", "state": "ready", "stalls": [stall]},
+            "decode-1": {"role": "decode", "state": "restarting", "stalls": []},
+        }
+    )
+    assert kind == "server_stalled" and "decode-1 is restarting" in message
+    kind, message = refusal({"decode-0": {"role": "decode", "state": "exited", "stalls": []}})
+    assert kind == "service_unavailable" and "decode-0 is exited" in message

@@ -262,18 +262,21 @@ class Ladder:
         return None
 
     def _unavailable(self, role: str) -> HandoffError:
-        health = self.backends.health()
-        reasons = []
-        for name, h in health.items():
+        """Why no server of ``role`` can take the request, naming every one of them."""
+        stalled, reasons = [], []
+        for name, h in self.backends.health().items():
             if h.get("role") != role:
                 continue
             if h.get("stalls"):
-                return HandoffError(
-                    503,
-                    f"{name} is stalled: {h['stalls'][0]}; not sending the request into it",
-                    "server_stalled",
-                )
-            reasons.append(f"{name} is {h.get('state')}")
+                stalled.append(f"{name} is stalled: {h['stalls'][0]}")
+            else:
+                reasons.append(f"{name} is {h.get('state')}")
+        if stalled:
+            return HandoffError(
+                503,
+                "; ".join(stalled + reasons) + "; not sending the request into a stalled server",
+                "server_stalled",
+            )
         return HandoffError(
             503,
             f"no {role} server can take the request ({', '.join(reasons) or 'none configured'})",
