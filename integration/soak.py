@@ -4,7 +4,7 @@ One supervised service (one prefill, two decodes) runs with the rehearsal faults
 configured (``WATCHDOG_KV_FAULT``: slow, dropped and corrupted KV transfers on
 every hand-off at the given rates, and the armable step and heartbeat stalls).
 Clients send ``--requests`` completions (streamed and not) through the router
-while a seeded schedule injects, one at a time:
+while a seeded schedule injects, one at a time, every kind once per round:
 
 * from inside: a worker step holding the GIL (``stall_step``), the NIXL
   heartbeat send holding it (``stall_notif``), on a random server;
@@ -22,7 +22,7 @@ Then it checks, and exits 1 if any check fails:
   server's KV cache usage (vLLM's own ``vllm:kv_cache_usage_perc``) is back to 0,
   and the watch has no load or lease left open;
 * **no watchdog error reaches vLLM**: no ``watchdog_kv.internal_error`` in any
-  server log, and no traceback through watchdog_kv.
+  server log, and no traceback frame in watchdog_kv's code.
 
 The same seed gives the same prompts and the same fault schedule (what the
 machine does with them still varies: timings are real).
