@@ -220,7 +220,10 @@ def test_read_after_the_lease_expired_is_never_used(rehearsal):
         e for e in kv_events(s.prefill_log, "kv.lease_expired", since) if e["request_id"] == remote
     ]
     assert f"Releasing expired KV blocks for request {remote}" in s.prefill_log.read_text()
-    # ...the decode read them anyway (stock would use them), asked, and refused them.
+    # ...the decode read them anyway (stock would use them), asked, and did not use
+    # them: the prefill answered "stale", or -- when the prefill's worker was itself
+    # held up past the check's deadline (seen on a loaded machine: its lease server
+    # is a thread that needs the GIL) -- no answer came, which fails closed the same.
     refused = [
         e
         for e in kv_events(s.decode_log, "kv.stale_kv_refused", since)
@@ -231,12 +234,15 @@ def test_read_after_the_lease_expired_is_never_used(rehearsal):
         for e in events(s.decode_log.read_text())
         if str(e.get("event", "")).startswith("kv.")
     ]
-    assert refused and refused[0]["verdict"] == "stale", f"the decode's KV events: {seen}"
     recovered = kv_events(s.decode_log, "kv.recovered", since)
-    assert recovered and recovered[-1]["cause"] == "lease:stale"
+    assert recovered, f"the decode used the KV it read; its KV events: {seen}"
+    cause = recovered[0]["cause"]
+    assert cause in ("lease:stale", "deadline:verify"), f"the decode's KV events: {seen}"
+    if cause == "lease:stale":
+        assert refused and refused[0]["verdict"] == "stale", f"the decode's KV events: {seen}"
     # The late read was also counted on the prefill side.
     assert kv_events(s.prefill_log, "kv.stale_read_detected", since)
-    report("read after lease expiry", elapsed)
+    report(f"read after lease expiry (refused: {cause})", elapsed)
 
 
 def test_killed_prefill_is_recovered_by_recompute(rehearsal):
