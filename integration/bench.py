@@ -52,12 +52,21 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import psutil
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from integration.load import LoadResult, prompts, run_load
-from integration.stack import MODEL, PlainServer, Service, complete, log_events, text_of
+from integration.stack import (
+    MODEL,
+    PlainServer,
+    Service,
+    complete,
+    log_events,
+    metric_samples,
+    text_of,
+)
 from watchdog_kv import faults
 
 __all__ = ["main"]
@@ -208,19 +217,12 @@ def clean_load(svc: Service, opts: Options, rng: random.Random, progress) -> dic
 
 def detections(svc: Service) -> dict[str, Any]:
     """What the service has detected or recovered so far (its /metrics and status)."""
-    import urllib.request
-
-    from prometheus_client.parser import text_string_to_metric_families
-
-    with urllib.request.urlopen(f"{svc.url}/metrics", timeout=30) as resp:
-        text = resp.read().decode()
     totals = {"deadline_misses": 0.0, "recoveries": 0.0}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == "watchdog_kv_deadline_misses_total":
-                totals["deadline_misses"] += sample.value
-            elif sample.name == "watchdog_kv_recoveries_total":
-                totals["recoveries"] += sample.value
+    for sample in metric_samples(svc.url):
+        if sample.name == "watchdog_kv_deadline_misses_total":
+            totals["deadline_misses"] += sample.value
+        elif sample.name == "watchdog_kv_recoveries_total":
+            totals["recoveries"] += sample.value
     totals["stalls"] = len(svc.status()["stalls"])
     return totals
 
@@ -243,7 +245,7 @@ def kv_hang_once(svc: Service, prompt: str, timeout_s: float) -> dict[str, Any]:
     for pid in engines:
         os.kill(pid, signal.SIGSTOP)
     try:
-        code, answer, seconds = complete(
+        code, answer, _ = complete(
             decode, {**body, "kv_transfer_params": first["kv_transfer_params"]}, timeout_s
         )
     finally:
@@ -266,8 +268,6 @@ def kv_hang_once(svc: Service, prompt: str, timeout_s: float) -> dict[str, Any]:
 
 def _children(pid: int) -> list[int]:
     """A server's engine processes (a stock server has no status records to name them)."""
-    import psutil
-
     return [c.pid for c in psutil.Process(pid).children(recursive=True)]
 
 
@@ -523,6 +523,16 @@ def handoff_latency(on: Service, off: Service, rng: random.Random, progress) -> 
     return out
 
 
+def start(progress: Progress, description: str, *servers: PlainServer | Service) -> None:
+    """Start ``servers`` side by side and wait until each is ready."""
+    task = progress.add_task(description, total=None)
+    for server in servers:
+        server.start()
+    for server in servers:
+        server.wait_ready()
+    progress.remove_task(task)
+
+
 def run(opts: Options, console: Console) -> Results:
     rng = random.Random(opts.seed)
     res = Results(options={k: str(v) for k, v in vars(opts).items()}, machine=machine())
@@ -543,22 +553,12 @@ def run(opts: Options, console: Console) -> Results:
     columns = (TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console) as progress:
         try:
-            task = progress.add_task("starting two vLLM servers (plugin on, stock)", total=None)
-            for server in (plain_on, plain_off):
-                server.start()
-            for server in (plain_on, plain_off):
-                server.wait_ready()
-            progress.remove_task(task)
+            start(progress, "starting two vLLM servers (plugin on, stock)", plain_on, plain_off)
             res.overhead = overhead(plain_on, plain_off, opts, rng, progress)
             plain_on.stop()
             plain_off.stop()
 
-            task = progress.add_task("starting prefill/decode services (on, stock)", total=None)
-            for svc in (pd, pd_off):
-                svc.start()
-            for svc in (pd, pd_off):
-                svc.wait_ready()
-            progress.remove_task(task)
+            start(progress, "starting prefill/decode services (on, stock)", pd, pd_off)
             res.false_positives = clean_load(pd, opts, rng, progress)
             res.handoff = handoff_latency(pd, pd_off, rng, progress)
             res.kv_hang = kv_hang(pd, pd_off, opts, rng, progress)

@@ -47,13 +47,12 @@ from typing import Any
 
 import aiohttp
 import psutil
-from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from integration.load import prompts
-from integration.stack import MODEL, Service, text_of
+from integration.stack import MODEL, Service, metric_samples, text_of
 from watchdog_kv import faults
 
 __all__ = ["main"]
@@ -197,7 +196,7 @@ class Injector(threading.Thread):
             entry["seconds"] = pause
             stopped = []
             try:
-                for pid in self.svc.engine_pids(server):
+                for pid in self.svc.pids(server):
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(pid, signal.SIGSTOP)
                         stopped.append(pid)
@@ -219,14 +218,9 @@ class Injector(threading.Thread):
 
 
 def kv_usage(url: str) -> float:
-    import urllib.request
-
-    with urllib.request.urlopen(f"{url}/metrics", timeout=30) as resp:
-        text = resp.read().decode()
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == "vllm:kv_cache_usage_perc":
-                return sample.value
+    for sample in metric_samples(url):
+        if sample.name == "vllm:kv_cache_usage_perc":
+            return sample.value
     raise KeyError("vllm:kv_cache_usage_perc not in the server's /metrics")
 
 
@@ -249,13 +243,13 @@ def wait_quiet(svc: Service, timeout_s: float) -> dict[str, float]:
     deadline = time.monotonic() + timeout_s
     usage: dict[str, float] = {}
     while True:
-        servers = svc.status()["servers"]
-        if all(s["state"] == "ready" for s in servers.values()) and svc.progressing():
+        if svc.settled():
+            servers = svc.status()["servers"]
             usage = {name: kv_usage(s["url"]) for name, s in servers.items()}
             if not any(usage.values()):
                 return usage
         if time.monotonic() > deadline:
-            return usage or {name: float("nan") for name in servers}
+            return usage or {name: float("nan") for name in svc.status()["servers"]}
         time.sleep(1)
 
 
@@ -284,9 +278,7 @@ def check(svc: Service, soak: Soak, console: Console) -> None:
     errors = [o for o in soak.outcomes if o.error]
     console.print("[dim]waiting for every server to be ready and progressing...[/]")
     deadline = time.monotonic() + 300
-    while not (
-        all(s["state"] == "ready" for s in svc.status()["servers"].values()) and svc.progressing()
-    ):
+    while not svc.settled():
         if time.monotonic() > deadline:
             soak.failures.append("the service did not come back ready within 300 s")
             return

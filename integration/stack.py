@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+from prometheus_client.parser import text_string_to_metric_families
 
 from watchdog_kv.supervisor.ports import free_port
 from watchdog_kv.supervisor.process import ManagedProcess
@@ -38,6 +39,7 @@ __all__ = [
     "StartupFailed",
     "complete",
     "log_events",
+    "metric_samples",
     "stock_plugins",
     "text_of",
 ]
@@ -79,6 +81,13 @@ def complete(
         return status, json.loads(raw or b"{}"), time.monotonic() - t0
     except ValueError:
         return status, {"text": raw.decode(errors="replace")}, time.monotonic() - t0
+
+
+def metric_samples(url: str) -> list[Any]:
+    """Every sample of a server's ``/metrics`` (Prometheus text)."""
+    with urllib.request.urlopen(f"{url}/metrics", timeout=30) as resp:
+        text = resp.read().decode()
+    return [sample for family in text_string_to_metric_families(text) for sample in family.samples]
 
 
 def text_of(body: Mapping[str, Any]) -> str | None:
@@ -230,20 +239,20 @@ class Service:
     def server(self, name: str) -> dict[str, Any]:
         return self.status()["servers"][name]
 
-    def pids(self, server: str, role: str) -> list[int]:
+    def pids(self, server: str, *roles: str) -> list[int]:
+        """Live processes of ``server`` in ``roles`` (default: the engine core and
+        workers), from their status records."""
+        roles = roles or ("engine_core", "worker")
         return [
             r["pid"]
             for r in self.status()["processes"]
-            if r["server"] == server and r["role"] == role and r["alive"]
+            if r["server"] == server and r["role"] in roles and r["alive"]
         ]
 
-    def engine_pids(self, server: str) -> list[int]:
-        """The engine core and worker processes of ``server`` (from their status records)."""
-        return [
-            r["pid"]
-            for r in self.status()["processes"]
-            if r["server"] == server and r["role"] in ("engine_core", "worker") and r["alive"]
-        ]
+    def settled(self) -> bool:
+        """Every server ready and every engine progressing."""
+        servers = self.status()["servers"].values()
+        return all(s["state"] == "ready" for s in servers) and self.progressing()
 
     def progressing(self) -> bool:
         try:
