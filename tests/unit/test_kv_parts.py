@@ -117,3 +117,76 @@ def test_lease_check_over_the_wire():
         client.wait(server.endpoint, "kept", 0.5)
     assert time.monotonic() - t0 < 5
     client.close()
+
+
+def test_lease_questions_are_answered_by_the_step_without_the_thread():
+    # The prefill worker's step answers, so a verdict does not wait for the
+    # server's thread to win the GIL from a busy worker.
+    table = LeaseTable()
+    table.hold("kept")
+    server = LeaseServer(table, "127.0.0.1", serve_in_thread=False)
+    client = LeaseClient()
+    try:
+        assert client.ask(server.endpoint, "kept")
+        assert client.ask(server.endpoint, "never-leased")
+        time.sleep(0.3)
+        assert client.answers() == {}, "nothing may answer but the step"
+        got: dict[str, Verdict] = {}
+        end = time.monotonic() + 5
+        while len(got) < 2 and time.monotonic() < end:
+            server.answer_pending()
+            got.update(client.answers())
+            time.sleep(0.005)
+        assert got == {"kept": Verdict.VALID, "never-leased": Verdict.UNKNOWN}
+        assert server.answered == {"step": 2, "thread": 0}
+    finally:
+        client.close()
+        server.close()
+
+
+def _ask_all(clients: list[LeaseClient], endpoint: str, reqs: list[str], answer) -> None:
+    for i, req in enumerate(reqs):
+        assert clients[i % len(clients)].ask(endpoint, req)
+        answer()
+
+
+def _collect(clients: list[LeaseClient], want: int, answer) -> dict[str, Verdict]:
+    got: dict[str, Verdict] = {}
+    end = time.monotonic() + 20
+    while len(got) < want and time.monotonic() < end:
+        answer()
+        for client in clients:
+            for req, verdict in client.answers().items():
+                assert req not in got, f"{req} answered twice"
+                got[req] = verdict
+    return got
+
+
+def test_step_and_thread_share_the_socket_each_question_answered_once_and_right():
+    # A stepping worker answers between its questions while the thread waits its
+    # turn; once the steps stop, the thread answers alone. Every question gets
+    # exactly one answer, the right one, whoever gave it.
+    table = LeaseTable()
+    server = LeaseServer(table, "127.0.0.1")
+    clients = [LeaseClient() for _ in range(4)]
+    stepping = [f"s{i}" for i in range(3000)]
+    idle = [f"i{i}" for i in range(300)]
+    for req in (stepping + idle)[::2]:
+        table.hold(req)
+    expected = {
+        r: Verdict.VALID if n % 2 == 0 else Verdict.UNKNOWN for n, r in enumerate(stepping + idle)
+    }
+    try:
+        _ask_all(clients, server.endpoint, stepping, server.answer_pending)
+        got = _collect(clients, len(stepping), server.answer_pending)
+        assert server.answered["step"] > 0
+        _ask_all(clients, server.endpoint, idle, lambda: None)
+        got |= _collect(clients, len(idle), lambda: None)
+        assert got == expected
+        time.sleep(0.3)
+        assert all(not c.answers() for c in clients), "a question was answered twice"
+        assert sum(server.answered.values()) == len(expected)
+    finally:
+        for c in clients:
+            c.close()
+        server.close()

@@ -1,7 +1,7 @@
 """The lease check: a decode asks the prefill whether the KV it read can be trusted.
 
-The prefill's worker runs a :class:`LeaseServer` (a ZeroMQ REP socket on its own
-thread) that answers from its :class:`~watchdog_kv.kv.states.LeaseTable`: the
+The prefill's worker runs a :class:`LeaseServer` (a ZeroMQ ROUTER socket) that
+answers from its :class:`~watchdog_kv.kv.states.LeaseTable`: the
 read is *valid* if the blocks are still kept, or were released because a
 decode reported its read; it is *stale* if the lease ran out first (the blocks
 may since hold another request's KV) and *unknown* if this prefill never
@@ -10,6 +10,15 @@ later asker for the same request (replayed ``kv_transfer_params``) is told
 *stale*. The prefill advertises the server's address in the
 ``kv_transfer_params`` it returns (key ``watchdog_kv_lease``), so the check
 needs no configuration and a decode without watchdog_kv simply ignores it.
+
+Questions are answered from two places: the prefill worker's step, which
+answers whatever has arrived each time it runs, and the server's own thread,
+which sleeps in ``select`` and answers when the step has not run for a moment
+(an idle worker). The thread alone needs the GIL for every question, and a
+worker busy with its own steps on a loaded machine can keep it from the thread
+for seconds (seen here: no verdict within a decode's 10 s deadline while the
+prefill worker was busy, so the decode recomputed); the step holds the GIL
+already.
 
 Because a lease is never renewed after release, "kept when asked, after the
 read finished" implies "kept during the read". The decode asks only after its
@@ -20,6 +29,7 @@ unknown, a prefill that does not answer within the deadline -- fails closed.
 from __future__ import annotations
 
 import json
+import select
 import threading
 import time
 
@@ -37,47 +47,107 @@ _log = get_logger("watchdog_kv.kv.lease")
 
 
 class LeaseServer:
-    """Answers ``{"req": id}`` with ``{"req": id, "verdict": "valid"|"stale"|"unknown"}``."""
+    """Answers ``{"req": id}`` with ``{"req": id, "verdict": "valid"|"stale"|"unknown"}``.
 
-    def __init__(self, table: LeaseTable, host: str) -> None:
+    The worker's step calls :meth:`answer_pending`; the server's thread answers
+    only when the step has not run for :data:`STEP_GRACE_S`, so the two rarely
+    meet at the socket (ZeroMQ sockets are not thread-safe: one lock keeps it
+    to one thread at a time, and the step never waits for it).
+    ``serve_in_thread=False`` leaves all answering to the step (tests).
+    """
+
+    STEP_GRACE_S = 0.1
+
+    def __init__(self, table: LeaseTable, host: str, *, serve_in_thread: bool = True) -> None:
         self._table = table
+        self._lock = threading.Lock()
+        self._closed = False
         self._ctx = threads.zmq_context()
-        self._sock = self._ctx.socket(zmq.REP)
+        self._sock = self._ctx.socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.LINGER, 0)
         port = self._sock.bind_to_random_port(f"tcp://{host}")
         self.endpoint = f"tcp://{host}:{port}"
+        self.answered = {"step": 0, "thread": 0}
+        self._step_at = float("-inf")
         self._stop = threading.Event()
-        self._thread = threads.start(self._serve, "watchdog_kv-lease")
+        self._thread = threads.start(self._serve, "watchdog_kv-lease") if serve_in_thread else None
+
+    def answer_pending(self) -> int:
+        """From the step: answer every question that has arrived; how many.
+
+        Returns 0 at once, without waiting, while the thread is answering.
+        """
+        self._step_at = time.monotonic()
+        if not self._lock.acquire(blocking=False):
+            return 0
+        try:
+            return self._drain("step")
+        finally:
+            self._lock.release()
+
+    def _drain(self, by: str) -> int:  # caller holds the lock
+        if self._closed:
+            return 0
+        answered = 0
+        try:
+            while True:
+                try:
+                    frames = self._sock.recv_multipart(flags=zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                self._answer(frames)
+                answered += 1
+            # Reading EVENTS makes ZeroMQ take in every pending command, so the
+            # socket's FD is quiet again until something new arrives.
+            self._sock.getsockopt(zmq.EVENTS)
+        finally:
+            self.answered[by] += answered
+        return answered
+
+    def _answer(self, frames: list[bytes]) -> None:
+        # ROUTER frames: [peer identity, b"" (the DEALER's envelope), question].
+        req = None
+        try:
+            req = str(json.loads(frames[-1])["req"])
+            verdict = self._table.claim(req).value
+            _log.debug("kv.lease_question", remote_request_id=req, verdict=verdict)
+        except (ValueError, KeyError, TypeError):
+            verdict = "bad_request"
+        reply = json.dumps({"req": req, "verdict": verdict}).encode()
+        try:
+            self._sock.send_multipart([*frames[:-1], reply], flags=zmq.NOBLOCK)
+        except zmq.ZMQError:  # the asker is gone or its queue is full: it times out
+            _log.warning("kv.lease_answer_dropped", remote_request_id=req)
 
     def _serve(self) -> None:
-        poller = zmq.Poller()
-        poller.register(self._sock, zmq.POLLIN)
+        with self._lock:
+            fd = self._sock.getsockopt(zmq.FD)
         while not self._stop.is_set():
+            # The FD says the socket may have news (edge-triggered, and the step
+            # may take the news first); the timeout bounds a missed edge.
             try:
-                if not poller.poll(200):
-                    continue
-                raw = self._sock.recv()
+                select.select([fd], [], [], 0.2)
+            except (OSError, ValueError):  # closed under us after close() gave up waiting
+                return
+            idle = time.monotonic() - self._step_at
+            if idle < self.STEP_GRACE_S:
+                time.sleep(self.STEP_GRACE_S - idle)  # the step is running: it answers
+                continue
+            try:
+                with self._lock:
+                    self._drain("thread")
             except zmq.ZMQError:
                 if self._stop.is_set():
                     return
                 _log.exception("kv.lease_server_error")
-                continue
-            req = None
-            try:
-                req = str(json.loads(raw)["req"])
-                verdict = self._table.claim(req).value
-                _log.debug("kv.lease_question", remote_request_id=req, verdict=verdict)
-            except (ValueError, KeyError, TypeError):
-                verdict = "bad_request"
-            try:
-                self._sock.send(json.dumps({"req": req, "verdict": verdict}).encode())
-            except zmq.ZMQError:
-                _log.exception("kv.lease_server_error")
 
     def close(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=2)
-        self._sock.close(linger=0)
+        if self._thread is not None:
+            self._thread.join(timeout=2)
+        with self._lock:
+            self._closed = True
+            self._sock.close(linger=0)
         self._ctx.term()
 
 

@@ -199,6 +199,7 @@ class WorkerWatch:
                 if metadata is not None:
                     self.spans.lease_parents(getattr(metadata, TRACE_ATTR, None))
                     self.adapter.observe_metadata(metadata)
+                self._answer_lease_questions()
         if self.enabled:
             with contained("kv.start_load_kv", on_error=self._disable):
                 self._admit_new_loads()
@@ -210,6 +211,9 @@ class WorkerWatch:
 
     def _get_transfer_results(self, finished_req_ids: set[str]) -> Any:
         results = self._originals["get_transfer_results"](finished_req_ids)
+        if self.adapter is not None and self.leases_tracked:
+            with contained("kv.lease_tracking", on_error=self._stop_lease_tracking):
+                self._answer_lease_questions()
         if self.enabled:
             said_done = set(results.finished_recving)
             said_failed = set(results.failed_recving)
@@ -227,6 +231,11 @@ class WorkerWatch:
             results.failed_recving.update(self._orphans)
             self._orphans = set()
         return results
+
+    def _answer_lease_questions(self) -> None:
+        # The step holds the GIL the lease server's thread may wait seconds for.
+        if self.lease_server is not None:
+            self.lease_server.answer_pending()
 
     # --- the watch ----------------------------------------------------------
     def _metadata(self) -> Any | None:
@@ -505,6 +514,7 @@ class WorkerWatch:
             "stale_reads": self.leases.stale_reads,
             "deadlines": self.deadlines.snapshot(),
             "lease_endpoint": self.lease_server.endpoint if self.lease_server else None,
+            "lease_answers": dict(self.lease_server.answered) if self.lease_server else None,
         }
 
 
