@@ -14,8 +14,11 @@ What runs here, on a CPU-only machine:
 * a real vLLM server hosted by an actor: served, the actor SIGKILLed, the
   server's whole tree gone with it, then started again in a new placement group;
 * watchdog_kv loaded by vLLM's own Ray worker actor (``RayWorkerWrapper``);
-* ``watchdog-kv serve --backend ray``: served through the router, actor killed,
-  restarted by the supervisor.
+* ``watchdog-kv serve --backend ray`` with a prefill and a decode, each on an
+  actor: KV handed off over NIXL between the actors, the prefill's actor
+  killed (requests still answered by the decode), the prefill restarted by the
+  supervisor and the hand-off used again;
+* a server on Ray that never becomes healthy: a clear error within the deadline.
 
 Not covered: vLLM's Ray executor and Ray data-parallel backend (they need a
 device resource the CPU platform does not have), more than one node.
@@ -35,6 +38,7 @@ import sys
 import tempfile
 import textwrap
 import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -532,28 +536,61 @@ def test_plugin_loads_in_vllms_own_ray_worker_actor(ray_cluster, model, tmp_path
     print(f"record in the Ray worker actor: role={record['role']} hooks={record['hooks']}")
 
 
-def one_decode_on_ray(address: str, model: Path) -> tuple[dict[str, str], list[str]]:
-    """The environment and ``serve`` arguments of one decode server on the cluster
-    at ``address`` (no prefill: the decode computes its prompts)."""
+def on_ray(address: str, model: Path, prefill: int = 0) -> tuple[dict[str, str], list[str]]:
+    """The environment and ``serve`` arguments of ``prefill`` prefills and one decode
+    on the cluster at ``address`` (with no prefill the decode computes its prompts)."""
     env = base_env(WATCHDOG_KV_CACHE_DIR=str(MODEL_CACHE))
     env.pop("RAY_ADDRESS", None)
     env.pop("VLLM_PLUGINS", None)
-    args = ["--backend", "ray", "--ray-address", address, "--prefill", "0", "--decode", "1"]
+    args = [
+        "--backend",
+        "ray",
+        "--ray-address",
+        address,
+        "--prefill",
+        str(prefill),
+        "--decode",
+        "1",
+    ]
     return env, [*args, "--model", str(model)]
+
+
+def ask(url: str, prompt: str) -> tuple[str, str]:
+    """A greedy completion through the router: (text, X-Watchdog-Recovery)."""
+    req = urllib.request.Request(
+        f"{url}/v1/completions",
+        json.dumps({"model": "tiny", "prompt": prompt, "max_tokens": 8, "temperature": 0}).encode(),
+        {"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(req, timeout=120) as resp:
+        return json.load(resp)["choices"][0]["text"], resp.headers["X-Watchdog-Recovery"]
+
+
+def kv_received(svc, server: str) -> int:
+    """Loads the workers of ``server`` received over NIXL (their status records)."""
+    return sum(
+        ((r.get("kv") or {}).get("outcomes") or {}).get("received", 0)
+        for r in svc.status()["processes"]
+        if r["server"] == server and r["role"] == "worker"
+    )
 
 
 @pytest.mark.vllm
 @requires_vllm
-def test_serve_on_ray_restarts_a_server_whose_actor_was_killed(ray_cluster, model, tmp_path):
-    """``watchdog-kv serve --backend ray --prefill 0 --decode 1`` on the local cluster.
+def test_serve_on_ray_hands_off_and_restarts_a_prefill_whose_actor_was_killed(
+    ray_cluster, model, tmp_path
+):
+    """``watchdog-kv serve --backend ray --prefill 1 --decode 1`` on the local cluster.
 
-    A completion through the router; then the actor hosting decode-0 is
-    SIGKILLed (its pid from ``/watchdog/status``); the supervisor sees the
-    server gone, restarts it in a new placement group and actor, and the same
-    prompt gets the same answer. SIGTERM to the supervisor then stops the
-    server's whole tree through its actor.
+    Both servers on actors, each in its own placement group; a completion
+    through the router is prefilled on one actor and its KV pulled over NIXL
+    by the other. Then the actor hosting prefill-0 is SIGKILLed (its pid from
+    ``/watchdog/status``): requests keep completing, the same answer, computed
+    by the decode; the supervisor restarts prefill-0 in a new placement group
+    and actor, and the hand-off is used again. SIGTERM to the supervisor then
+    stops both servers' trees through their actors.
     """
-    env, args = one_decode_on_ray(ray_cluster.address, model)
+    env, args = on_ray(ray_cluster.address, model, prefill=1)
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     began = time.monotonic()
@@ -561,33 +598,73 @@ def test_serve_on_ray_restarts_a_server_whose_actor_was_killed(ray_cluster, mode
         run_dir, env, *args, "--placement-timeout", "60", "--served-model-name", "tiny"
     )
     print(f"service ready after {time.monotonic() - began:.1f} s")
+    trees = []
     try:
-        server = svc.status()["servers"]["decode-0"]
-        where = server["where"]
-        assert where["backend"] == "ray" and server["state"] == "ready", server
-        assert server["url"] == f"http://{where['node_ip']}:{server['url'].rsplit(':', 1)[1]}"
-        prompt = "Ray: the actor is killed and the server restarted."
-        reference = completion(svc.url, prompt)
+        servers = svc.status()["servers"]
+        for name in ("prefill-0", "decode-0"):
+            where = servers[name]["where"]
+            assert where["backend"] == "ray" and servers[name]["state"] == "ready", servers[name]
+            url = servers[name]["url"]
+            assert url == f"http://{where['node_ip']}:{url.rsplit(':', 1)[1]}"
+        groups = {servers[n]["where"]["placement_group"] for n in ("prefill-0", "decode-0")}
+        assert len(groups) == 2, "one placement group per server"
+        prompts = [f"Ray {i}: the prefill's actor is killed and restarted." for i in range(3)]
+        references = []
+        for prompt in prompts:
+            text, recovery = ask(svc.url, prompt)
+            assert recovery == "none"  # prefilled on one actor, decoded on the other
+            references.append(text)
+        wait_until(
+            lambda: kv_received(svc, "decode-0") >= len(prompts),
+            10,
+            "the decode pulling the prefill's KV",
+            poll_s=0.5,
+        )
+        received = kv_received(svc, "decode-0")
 
+        where = servers["prefill-0"]["where"]
         os.kill(where["actor_pid"], signal.SIGKILL)
         began = time.monotonic()
+        # At once: the dying API server may still answer (its SIGTERM starts vLLM's
+        # shutdown) or be gone; either way the same answer.
+        assert ask(svc.url, prompts[0])[0] == references[0]
+        wait_until(
+            lambda: svc.status()["servers"]["prefill-0"]["state"] != "ready",
+            30,
+            "the supervisor seeing prefill-0 gone",
+            poll_s=0.2,
+        )
+        for prompt, reference in zip(prompts, references, strict=True):
+            text, recovery = ask(svc.url, prompt)
+            assert text == reference
+            assert "decode_computes_prompt" in recovery, recovery
 
         def back() -> bool:
-            state = svc.status()["servers"]["decode-0"]
+            state = svc.status()["servers"]["prefill-0"]
             return len(state["restarts"]) == 1 and state["state"] == "ready"
 
-        wait_until(back, STARTUP_DEADLINE_S, "decode-0 restarted and ready", poll_s=1.0)
-        print(f"restarted and ready {time.monotonic() - began:.1f} s after the kill")
-        state = svc.status()["servers"]["decode-0"]
+        wait_until(back, STARTUP_DEADLINE_S, "prefill-0 restarted and ready", poll_s=1.0)
+        print(f"prefill restarted and ready {time.monotonic() - began:.1f} s after the kill")
+        state = svc.status()["servers"]["prefill-0"]
+        assert state["restarts"][0]["cause"] == "exited with signal SIGKILL", state["restarts"]
         assert state["where"]["actor_id"] != where["actor_id"]
         assert state["where"]["placement_group"] != where["placement_group"]
-        assert completion(svc.url, prompt) == reference
-        tree = tree_of(state["pid"])
-        assert len(tree) >= 3
+        assert ask(svc.url, prompts[0]) == (references[0], "none")
+        # A prompt the decode has not computed itself (its prefix cache would
+        # leave nothing to pull); status records are written about once a second.
+        assert ask(svc.url, "Ray: a new prompt after the restart.")[1] == "none"
+        wait_until(
+            lambda: kv_received(svc, "decode-0") > received,
+            10,
+            "a hand-off from the restarted prefill",
+            poll_s=0.5,
+        )
+        trees = [tree_of(s["pid"]) for s in svc.status()["servers"].values()]
+        assert all(len(tree) >= 3 for tree in trees)
     finally:
         stop_service(svc)
     assert svc.proc.returncode == 0, svc.stderr_path.read_text()[-3000:]
-    assert not [p.pid for p in tree if alive(p.pid)]  # stopped through its actor
+    assert not [p.pid for tree in trees for p in tree if alive(p.pid)]  # stopped via actors
     import ray
 
     if ray.is_initialized():
@@ -602,7 +679,7 @@ def test_serve_on_ray_a_server_never_healthy_is_a_clear_error_within_the_deadlin
     """``--startup-timeout 5`` on Ray: vLLM needs far longer to answer /health here, so
     the service must give up after about 5 s with the error naming the server and its
     log, and leave no placement group or reserved CPU behind."""
-    env, args = one_decode_on_ray(connected.address, model)
+    env, args = on_ray(connected.address, model)
     began = time.monotonic()
     proc = subprocess.run(
         cli(
