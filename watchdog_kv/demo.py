@@ -88,7 +88,7 @@ async def collect_text(resp: aiohttp.ClientResponse, stream: bool) -> str:
     if not stream:
         data = await resp.json()
         choice = data["choices"][0]
-        return choice["message"]["content"] if "message" in choice else choice["text"]
+        return str(choice["message"]["content"] if "message" in choice else choice["text"])
     parts: list[str] = []
     async for raw in resp.content:
         line = raw.decode().strip()

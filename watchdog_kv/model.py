@@ -25,10 +25,11 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 __all__ = ["MODEL_SPEC", "build", "default_model_path", "validate_model_dir"]
 
-MODEL_SPEC = {
+MODEL_SPEC: dict[str, Any] = {
     "vocab_size": 512,
     "hidden_size": 128,
     "intermediate_size": 256,
@@ -108,7 +109,7 @@ def _build_into(target: Path) -> None:
         show_progress=False,
     )
     tok.train_from_iterator(_CORPUS.splitlines() * 4, trainer=trainer)
-    fast = PreTrainedTokenizerFast(
+    fast = PreTrainedTokenizerFast(  # type: ignore[no-untyped-call,unused-ignore]
         tokenizer_object=tok,
         bos_token="<s>",
         eos_token="</s>",
@@ -132,9 +133,9 @@ def _build_into(target: Path) -> None:
         eos_token_id=fast.eos_token_id,
         pad_token_id=fast.pad_token_id,
         tie_word_embeddings=False,
-        torch_dtype="float32",
+        dtype="float32",
     )
-    model = LlamaForCausalLM(config)
+    model = LlamaForCausalLM(config)  # type: ignore[no-untyped-call,unused-ignore]
     model.save_pretrained(target, safe_serialization=True)
     (target / "WATCHDOG_KV_MODEL.json").write_text(
         json.dumps({"name": model_name(), "spec": MODEL_SPEC}, indent=2) + "\n"

@@ -151,7 +151,7 @@ def _patch_nixl_agent(module: Any) -> None:
     _replace(module, "nixlAgent", make)
 
 
-class _StallingNotifications(wrapt.ObjectProxy):  # type: ignore[misc]
+class _StallingNotifications(wrapt.ObjectProxy):  # type: ignore[misc,type-arg,unused-ignore]
     """Rehearsals only (``stall_notif`` fault): NIXL's notification send, armed to block
     in C with the GIL held, the way the field's 30 s heartbeat stall did."""
 

@@ -152,7 +152,7 @@ class NixlAdapter:
                         self._on_event("kv.stale_read_detected", request_id=req_id)
 
     def _get_new_notifs(self) -> set[str]:
-        read = self._orig__get_new_notifs()  # type: ignore[attr-defined]
+        read: set[str] = self._orig__get_new_notifs()  # type: ignore[attr-defined]
         with contained("kv.nixl_reads"):
             for req_id in read:
                 if self._lease_apply(req_id, LeaseEvent.READ):

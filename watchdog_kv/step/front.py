@@ -50,7 +50,8 @@ def _stalled_error(message: str) -> Exception:
     """vLLM's GracefulHTTPError: the client gets 503 and this message."""
     from vllm.exceptions import GracefulHTTPError
 
-    return GracefulHTTPError(message, HTTPStatus.SERVICE_UNAVAILABLE)
+    error: Exception = GracefulHTTPError(message, HTTPStatus.SERVICE_UNAVAILABLE)
+    return error
 
 
 def engine_rank(stall: Stall, records: list[dict[str, Any]]) -> int:

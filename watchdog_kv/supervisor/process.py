@@ -143,6 +143,6 @@ def _pgid(proc: psutil.Process) -> int | None:
 def alive(proc: psutil.Process) -> bool:
     """Running and not a zombie (a zombie has exited; only its parent's wait is owed)."""
     try:
-        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+        return bool(proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE)
     except psutil.Error:
         return False

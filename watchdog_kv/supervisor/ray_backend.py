@@ -250,7 +250,7 @@ class ServerHost:
         """Start the server on this node's address; its placed spec and where it runs."""
         import ray
 
-        node_ip: str = ray.util.get_node_ip_address()  # type: ignore[no-untyped-call]
+        node_ip: str = ray.util.get_node_ip_address()  # type: ignore[no-untyped-call,unused-ignore]
         placed = dataclasses.replace(spec, host=node_ip)
         context = ray.get_runtime_context()
         where: dict[str, Any] = {

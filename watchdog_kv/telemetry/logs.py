@@ -19,6 +19,7 @@ import threading
 from typing import Any, TextIO
 
 import structlog
+from structlog.typing import EventDict
 
 __all__ = [
     "bind_process",
@@ -49,7 +50,7 @@ def set_trace_lookup(lookup: Any) -> None:
     _trace_lookup[0] = lookup
 
 
-def _add_trace(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
+def _add_trace(_: Any, __: str, event: EventDict) -> EventDict:
     lookup = _trace_lookup[0]
     if lookup is not None and "trace_id" not in event:
         try:
@@ -66,7 +67,7 @@ def set_recorder(sink: Any) -> None:
     _recorder[0] = sink
 
 
-def _record(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
+def _record(_: Any, __: str, event: EventDict) -> EventDict:
     sink = _recorder[0]
     if sink is not None:
         try:
@@ -99,7 +100,7 @@ def process_fields() -> dict[str, Any]:
     return out
 
 
-def _add_process(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
+def _add_process(_: Any, __: str, event: EventDict) -> EventDict:
     for key, value in process_fields().items():
         event.setdefault(key, value)
     return event
