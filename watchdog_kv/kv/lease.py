@@ -36,6 +36,7 @@ import time
 import zmq
 
 from watchdog_kv import threads
+from watchdog_kv.guard import contained
 from watchdog_kv.kv.states import LeaseTable, Verdict
 from watchdog_kv.telemetry import get_logger
 
@@ -133,13 +134,9 @@ class LeaseServer:
             if idle < self.STEP_GRACE_S:
                 time.sleep(self.STEP_GRACE_S - idle)  # the step is running: it answers
                 continue
-            try:
-                with self._lock:
-                    self._drain("thread")
-            except zmq.ZMQError:
-                if self._stop.is_set():
-                    return
-                _log.exception("kv.lease_server_error")
+            # A failure of ours is logged and ends the thread; the step keeps answering.
+            with contained("kv.lease_server", on_error=self._stop.set), self._lock:
+                self._drain("thread")
 
     def close(self) -> None:
         self._stop.set()
