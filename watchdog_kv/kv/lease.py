@@ -66,6 +66,7 @@ class LeaseServer:
         self._ctx = threads.zmq_context()
         self._sock = self._ctx.socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a reply that cannot go raises
         port = self._sock.bind_to_random_port(f"tcp://{host}")
         self.endpoint = f"tcp://{host}:{port}"
         self.answered = {"step": 0, "thread": 0}
@@ -91,29 +92,35 @@ class LeaseServer:
             return 0
         answered = 0
         try:
-            while True:
+            # Reading EVENTS takes in ZeroMQ's pending commands and clears the FD:
+            # drain until it says nothing is readable, so no arrival is left
+            # behind a cleared FD.
+            while self._sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
                 try:
                     frames = self._sock.recv_multipart(flags=zmq.NOBLOCK)
                 except zmq.Again:
                     break
                 self._answer(frames)
                 answered += 1
-            # Reading EVENTS makes ZeroMQ take in every pending command, so the
-            # socket's FD is quiet again until something new arrives.
-            self._sock.getsockopt(zmq.EVENTS)
+                if by == "thread" and self._step_running():
+                    break  # the step is back: it answers the rest
         finally:
             self.answered[by] += answered
         return answered
+
+    def _step_running(self) -> bool:
+        return time.monotonic() - self._step_at < self.STEP_GRACE_S
 
     def _answer(self, frames: list[bytes]) -> None:
         # ROUTER frames: [peer identity, b"" (the DEALER's envelope), question].
         req = None
         try:
             req = str(json.loads(frames[-1])["req"])
+        except Exception:  # anything that is not a question, however malformed
+            verdict = "bad_request"
+        else:
             verdict = self._table.claim(req).value
             _log.debug("kv.lease_question", remote_request_id=req, verdict=verdict)
-        except (ValueError, KeyError, TypeError):
-            verdict = "bad_request"
         reply = json.dumps({"req": req, "verdict": verdict}).encode()
         try:
             self._sock.send_multipart([*frames[:-1], reply], flags=zmq.NOBLOCK)
@@ -121,22 +128,24 @@ class LeaseServer:
             _log.warning("kv.lease_answer_dropped", remote_request_id=req)
 
     def _serve(self) -> None:
-        with self._lock:
-            fd = self._sock.getsockopt(zmq.FD)
-        while not self._stop.is_set():
-            # The FD says the socket may have news (edge-triggered, and the step
-            # may take the news first); the timeout bounds a missed edge.
-            try:
-                select.select([fd], [], [], 0.2)
-            except (OSError, ValueError):  # closed under us after close() gave up waiting
-                return
-            idle = time.monotonic() - self._step_at
-            if idle < self.STEP_GRACE_S:
-                time.sleep(self.STEP_GRACE_S - idle)  # the step is running: it answers
-                continue
-            # A failure of ours is logged and ends the thread; the step keeps answering.
-            with contained("kv.lease_server", on_error=self._stop.set), self._lock:
-                self._drain("thread")
+        # A failure of ours is logged and ends the thread; the step keeps answering.
+        with contained("kv.lease_server", on_error=self._stop.set):
+            with self._lock:
+                if self._closed:
+                    return
+                fd = self._sock.getsockopt(zmq.FD)
+            waiter = select.poll()  # not select(): a worker's FDs may number over 1024
+            waiter.register(fd, select.POLLIN)
+            while not self._stop.is_set():
+                # The FD says the socket may have news (edge-triggered, and the
+                # step may take the news first); the timeout bounds a missed edge.
+                waiter.poll(200)
+                idle = time.monotonic() - self._step_at
+                if idle < self.STEP_GRACE_S:
+                    time.sleep(self.STEP_GRACE_S - idle)  # the step is running: it answers
+                    continue
+                with self._lock:
+                    self._drain("thread")
 
     def close(self) -> None:
         self._stop.set()
