@@ -222,8 +222,9 @@ def test_read_after_the_lease_expired_is_never_used(rehearsal):
     assert f"Releasing expired KV blocks for request {remote}" in s.prefill_log.read_text()
     # ...the decode read them anyway (stock would use them), asked, and did not use
     # them: the prefill answered "stale", or -- when the prefill's worker was itself
-    # held up past the check's deadline (seen on a loaded machine: its lease server
-    # is a thread that needs the GIL) -- no answer came, which fails closed the same.
+    # held up inside one step past the check's deadline (its step answers only
+    # between steps, and its lease server's thread needs the GIL the step holds) --
+    # no answer came, which fails closed the same.
     refused = [
         e
         for e in kv_events(s.decode_log, "kv.stale_kv_refused", since)
