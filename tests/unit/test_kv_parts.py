@@ -123,6 +123,19 @@ def test_lease_check_over_the_wire():
     client.close()
 
 
+def _collect(clients: list[LeaseClient], want: int, answer) -> dict[str, Verdict]:
+    got: dict[str, Verdict] = {}
+    end = time.monotonic() + 20
+    while len(got) < want and time.monotonic() < end:
+        answer()
+        for client in clients:
+            for req, verdict in client.answers().items():
+                assert req not in got, f"{req} answered twice"
+                got[req] = verdict
+        time.sleep(0.001)
+    return got
+
+
 def test_lease_questions_are_answered_by_the_step_without_the_thread():
     # The prefill worker's step answers, so a verdict does not wait for the
     # server's thread to win the GIL from a busy worker.
@@ -135,12 +148,7 @@ def test_lease_questions_are_answered_by_the_step_without_the_thread():
         assert client.ask(server.endpoint, "never-leased")
         time.sleep(0.3)
         assert client.answers() == {}, "nothing may answer but the step"
-        got: dict[str, Verdict] = {}
-        end = time.monotonic() + 5
-        while len(got) < 2 and time.monotonic() < end:
-            server.answer_pending()
-            got.update(client.answers())
-            time.sleep(0.005)
+        got = _collect([client], 2, server.answer_pending)
         assert got == {"kept": Verdict.VALID, "never-leased": Verdict.UNKNOWN}
         assert server.answered == {"step": 2, "thread": 0}
     finally:
@@ -154,19 +162,6 @@ def _ask_all(clients: list[LeaseClient], endpoint: str, reqs: list[str], answer)
         if i % 50 == 49:
             time.sleep(0.002)  # let a burst arrive
             answer()
-
-
-def _collect(clients: list[LeaseClient], want: int, answer) -> dict[str, Verdict]:
-    got: dict[str, Verdict] = {}
-    end = time.monotonic() + 20
-    while len(got) < want and time.monotonic() < end:
-        answer()
-        for client in clients:
-            for req, verdict in client.answers().items():
-                assert req not in got, f"{req} answered twice"
-                got[req] = verdict
-        time.sleep(0.001)
-    return got
 
 
 def test_step_and_thread_racing_for_the_socket_answer_each_question_once_and_right():
@@ -244,14 +239,8 @@ def test_malformed_questions_get_bad_request_and_the_server_answers_on(by):
                 replies.append(json.loads(raw.recv_multipart()[-1]))
         assert [r["verdict"] for r in replies] == ["bad_request"] * len(bad)
         assert client.ask(server.endpoint, "kept")
-        end = time.monotonic() + 5
-        got: dict[str, Verdict] = {}
-        while not got and time.monotonic() < end:
-            if by == "step":
-                server.answer_pending()
-            got = client.answers()
-            time.sleep(0.005)
-        assert got == {"kept": Verdict.VALID}
+        step = server.answer_pending if by == "step" else lambda: 0
+        assert _collect([client], 1, step) == {"kept": Verdict.VALID}
         assert server.answered[by] == len(bad) + 1
     finally:
         raw.close()
