@@ -165,12 +165,11 @@ def _ask_all(clients: list[LeaseClient], endpoint: str, reqs: list[str], answer)
 
 
 def test_step_and_thread_racing_for_the_socket_answer_each_question_once_and_right():
-    # No grace: the server's thread drains whenever it wakes, while another
-    # thread answers in a tight loop and this one between bursts of questions,
-    # so three threads contend for the socket all along.
+    # The server's thread drains whenever it wakes, while another thread
+    # answers in a tight loop and this one between bursts of questions, so
+    # three threads contend for the socket all along.
     table = LeaseTable()
     server = LeaseServer(table, "127.0.0.1")
-    server.STEP_GRACE_S = 0.0
     clients = [LeaseClient() for _ in range(4)]
     reqs = [f"r{i}" for i in range(3000)]  # 750 per client: under ZeroMQ's 1000 queue
     for req in reqs[::2]:

@@ -13,12 +13,15 @@ needs no configuration and a decode without watchdog_kv simply ignores it.
 
 Questions are answered from two places: the prefill worker's step, which
 answers whatever has arrived each time it runs, and the server's own thread,
-which sleeps in ``select`` and answers when the step has not run for a moment
-(an idle worker). The thread alone needs the GIL for every question, and a
-worker busy with its own steps on a loaded machine can keep it from the thread
-for seconds (seen here: no verdict within a decode's 10 s deadline while the
+which sleeps in ``poll`` and answers as soon as a question arrives. Whichever
+comes first answers. The thread needs the GIL for every question, and a worker
+busy with its own steps on a loaded machine can keep it from the thread for
+seconds (seen here: no verdict within a decode's 10 s deadline while the
 prefill worker was busy, so the decode recomputed); the step holds the GIL
-already.
+already. The thread does not wait for the step either: a decode asks right
+after its read, which is when the prefill's steps for that request have just
+stopped (measured here: an earlier version whose thread left the first 0.1 s
+after a step to the step added that 0.1 s to most checks).
 
 Because a lease is never renewed after release, "kept when asked, after the
 read finished" implies "kept during the read". The decode asks only after its
@@ -51,13 +54,10 @@ class LeaseServer:
     """Answers ``{"req": id}`` with ``{"req": id, "verdict": "valid"|"stale"|"unknown"}``.
 
     The worker's step calls :meth:`answer_pending`; the server's thread answers
-    only when the step has not run for :data:`STEP_GRACE_S`, so the two rarely
-    meet at the socket (ZeroMQ sockets are not thread-safe: one lock keeps it
-    to one thread at a time, and the step never waits for it).
+    whenever the socket has news. ZeroMQ sockets are not thread-safe: one lock
+    keeps the socket to one thread at a time, and the step never waits for it.
     ``serve_in_thread=False`` leaves all answering to the step (tests).
     """
-
-    STEP_GRACE_S = 0.1
 
     def __init__(self, table: LeaseTable, host: str, *, serve_in_thread: bool = True) -> None:
         self._table = table
@@ -70,7 +70,6 @@ class LeaseServer:
         port = self._sock.bind_to_random_port(f"tcp://{host}")
         self.endpoint = f"tcp://{host}:{port}"
         self.answered = {"step": 0, "thread": 0}
-        self._step_at = float("-inf")
         self._stop = threading.Event()
         self._thread = threads.start(self._serve, "watchdog_kv-lease") if serve_in_thread else None
 
@@ -79,7 +78,6 @@ class LeaseServer:
 
         Returns 0 at once, without waiting, while the thread is answering.
         """
-        self._step_at = time.monotonic()
         if not self._lock.acquire(blocking=False):
             return 0
         try:
@@ -100,18 +98,13 @@ class LeaseServer:
                     frames = self._sock.recv_multipart(flags=zmq.NOBLOCK)
                 except zmq.Again:
                     break
-                self._answer(frames)
+                self._answer(frames, by)
                 answered += 1
-                if by == "thread" and self._step_running():
-                    break  # the step is back: it answers the rest
         finally:
             self.answered[by] += answered
         return answered
 
-    def _step_running(self) -> bool:
-        return time.monotonic() - self._step_at < self.STEP_GRACE_S
-
-    def _answer(self, frames: list[bytes]) -> None:
+    def _answer(self, frames: list[bytes], by: str) -> None:
         # ROUTER frames: [peer identity, b"" (the DEALER's envelope), question].
         req = None
         try:
@@ -120,7 +113,7 @@ class LeaseServer:
             verdict = "bad_request"
         else:
             verdict = self._table.claim(req).value
-            _log.debug("kv.lease_question", remote_request_id=req, verdict=verdict)
+            _log.debug("kv.lease_question", remote_request_id=req, verdict=verdict, by=by)
         reply = json.dumps({"req": req, "verdict": verdict}).encode()
         try:
             self._sock.send_multipart([*frames[:-1], reply], flags=zmq.NOBLOCK)
@@ -140,10 +133,6 @@ class LeaseServer:
                 # The FD says the socket may have news (edge-triggered, and the
                 # step may take the news first); the timeout bounds a missed edge.
                 waiter.poll(200)
-                idle = time.monotonic() - self._step_at
-                if idle < self.STEP_GRACE_S:
-                    time.sleep(self.STEP_GRACE_S - idle)  # the step is running: it answers
-                    continue
                 with self._lock:
                     self._drain("thread")
 
