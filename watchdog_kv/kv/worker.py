@@ -199,7 +199,7 @@ class WorkerWatch:
                 if metadata is not None:
                     self.spans.lease_parents(getattr(metadata, TRACE_ATTR, None))
                     self.adapter.observe_metadata(metadata)
-                self._answer_lease_questions()
+        self._answer_lease_questions()
         if self.enabled:
             with contained("kv.start_load_kv", on_error=self._disable):
                 self._admit_new_loads()
@@ -211,9 +211,7 @@ class WorkerWatch:
 
     def _get_transfer_results(self, finished_req_ids: set[str]) -> Any:
         results = self._originals["get_transfer_results"](finished_req_ids)
-        if self.adapter is not None and self.leases_tracked:
-            with contained("kv.lease_tracking", on_error=self._stop_lease_tracking):
-                self._answer_lease_questions()
+        self._answer_lease_questions()
         if self.enabled:
             said_done = set(results.finished_recving)
             said_failed = set(results.failed_recving)
@@ -234,8 +232,9 @@ class WorkerWatch:
 
     def _answer_lease_questions(self) -> None:
         # The step holds the GIL the lease server's thread may wait seconds for.
-        if self.lease_server is not None:
-            self.lease_server.answer_pending()
+        if self.lease_server is not None and self.adapter is not None and self.leases_tracked:
+            with contained("kv.lease_tracking", on_error=self._stop_lease_tracking):
+                self.lease_server.answer_pending()
 
     # --- the watch ----------------------------------------------------------
     def _metadata(self) -> Any | None:
