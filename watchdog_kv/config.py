@@ -365,7 +365,7 @@ VARIABLES: tuple[Variable, ...] = (
         accepted="a number of seconds greater than 0",
         unit="s",
         doc="Shortest deadline of one KV-connector call inside a worker step "
-        "(start_load_kv, wait_for_save, get_finished...).",
+        "(start_load_kv, get_transfer_results, wait_for_save...).",
     ),
     Variable(
         name="WATCHDOG_KV_CONNECTOR_CAP",

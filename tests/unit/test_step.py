@@ -264,6 +264,59 @@ def test_watch_learns_from_steps_but_not_from_a_stall(tmp_path):
     assert again.deadlines.deadline(Kind.STARTUP) == settings.startup_floor_s
 
 
+def test_connector_calls_of_a_step_are_timed_on_the_connector_instance(tmp_path, monkeypatch):
+    """vLLM 0.32's model runner polls NIXL through ``get_transfer_results``: a step
+    stuck there must show as that connector call, not as the step around it."""
+    from watchdog_kv import config
+    from watchdog_kv.step import hooks
+    from watchdog_kv.step.watch import StepWatch
+
+    watch = StepWatch(config.load({"WATCHDOG_KV_STATE_DIR": str(tmp_path)}), "worker", pid=31339)
+    monkeypatch.setattr(hooks, "_watch", watch)
+    seen = {}
+
+    class Connector:  # the worker-side calls of one step, as vLLM makes them
+        def get_transfer_results(self, finished):
+            seen["during"] = read_beacon(watch.beacon.path)[0]
+            return ("results", finished)
+
+        def start_load_kv(self, forward_context):
+            raise RuntimeError("vLLM's own error")
+
+        def build_connector_worker_meta(self):  # bookkeeping: left to the step's deadline
+            seen["meta"] = read_beacon(watch.beacon.path)[0]
+
+    connector = Connector()
+    hooks.watch_connector(connector)
+    try:
+        with watch.step("Worker.execute_model"):
+            assert connector.get_transfer_results({"r"}) == ("results", {"r"})
+            with pytest.raises(RuntimeError, match="vLLM's own error"):
+                connector.start_load_kv(None)
+            connector.build_connector_worker_meta()
+        assert (seen["during"].phase, seen["during"].what) == (
+            Phase.CONNECTOR,
+            "get_transfer_results",
+        )
+        assert (seen["meta"].phase, seen["meta"].what) == (Phase.STEP, "Worker.execute_model")
+    finally:
+        hooks._instance_patches.undo()
+    assert not {"get_transfer_results", "start_load_kv"} & set(vars(connector))
+
+
+def test_every_connector_call_watched_exists_on_vllms_nixl_connector():
+    nixl = pytest.importorskip(
+        "vllm.distributed.kv_transfer.kv_connector.v1.nixl.connector",
+        reason="vLLM not installed here (nox -s tests installs it)",
+    )
+    from watchdog_kv.step.hooks import CONNECTOR_CALLS
+
+    assert all(callable(getattr(nixl.NixlPullConnector, name, None)) for name in CONNECTOR_CALLS)
+    # NIXL answers get_transfer_results itself, without get_finished: watching only
+    # get_finished (as an earlier version did) missed its poll.
+    assert "get_transfer_results" in vars(nixl.NixlBaseConnector)
+
+
 def test_watch_disables_itself_on_its_own_failure(tmp_path):
     from watchdog_kv import config
     from watchdog_kv.guard import clear_internal_errors, internal_errors

@@ -45,9 +45,15 @@ ASYNC_LLM_MODULE = "vllm.v1.engine.async_llm"
 ENGINE_MODULE = "vllm.v1.engine.core"
 EXECUTOR_MODULE = "vllm.v1.executor.multiproc_executor"
 WORKER_MODULE = "vllm.v1.worker.gpu_worker"
+# The connector calls of a worker step that move KV or wait on its transport.
+# vLLM 0.32's model runner asks get_transfer_results (NIXL's poll for the
+# notifications of finished reads, a C call that holds the GIL); get_finished
+# is what the base class's get_transfer_results calls for other connectors.
 CONNECTOR_CALLS = (
+    "handle_preemptions",
     "start_load_kv",
     "wait_for_save",
+    "get_transfer_results",
     "get_finished",
     "get_block_ids_with_load_errors",
 )
