@@ -34,6 +34,7 @@ pytestmark = [pytest.mark.vllm, requires_vllm]
 MODEL = "watchdog-kv-tiny"
 RECOMPUTE_ALLOWANCE_S = 30  # a local prefill of a short prompt plus decoding, on 2 busy cores
 REHEARSAL_FLOOR_S = 10  # the rehearsal service's KV deadline floor
+STALE_COUNT_WAIT_S = 60  # a held prefill worker is reported at 10 s; this is far past that
 
 
 class Servers:
@@ -241,13 +242,35 @@ def test_read_after_the_lease_expired_is_never_used(rehearsal):
     assert cause in ("lease:stale", "deadline:verify"), f"the decode's KV events: {seen}"
     if cause == "lease:stale":
         assert refused and refused[0]["verdict"] == "stale", f"the decode's KV events: {seen}"
-    # The late read was also counted on the prefill side.
-    assert kv_events(s.prefill_log, "kv.stale_read_detected", since)
-    report(f"read after lease expiry (refused: {cause})", elapsed)
+    # The late read is also counted on the prefill side, when its worker's step next
+    # polls NIXL for the decode's notification: seconds later if that worker is held
+    # in a step (seen in CI: the prefill worker stuck in one step for over 10 s right
+    # at this first hand-off, which its watchdog reported as a stall).
+    deadline = time.monotonic() + STALE_COUNT_WAIT_S
+    while not kv_events(s.prefill_log, "kv.stale_read_detected", since):
+        assert time.monotonic() < deadline, (
+            f"the prefill did not count the late read in {STALE_COUNT_WAIT_S} s; "
+            f"its stalls: {prefill_stalls(rehearsal, since)}"
+        )
+        time.sleep(0.5)
+    stalls = prefill_stalls(rehearsal, since)
+    report(f"read after lease expiry (refused: {cause}; prefill stalls: {stalls})", elapsed)
+
+
+def prefill_stalls(svc, since: float) -> list[str]:
+    """What the supervisor's monitor said about prefill-0 stalls since ``since``."""
+    return [
+        st["message"]
+        for st in svc.status()["stalls"]
+        if st["server"] == "prefill-0" and st["detected_wall"] >= since
+    ]
 
 
 def test_killed_prefill_is_recovered_by_recompute(rehearsal):
     """b. kill -9 of the whole prefill server after it answered."""
+    # Start from a prefill that steps: one held in a step by the test before is
+    # refused with 503 (server_stalled) by design, which is not what this test is about.
+    wait_progressing(rehearsal, "prefill-0")
     s = Servers(rehearsal)
     prompt = "Recovery b: the prefill server is killed after it answered the prefill."
     params = s.prefill_params(prompt)
