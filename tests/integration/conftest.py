@@ -46,6 +46,18 @@ def free_port() -> int:
     return free_port_on("127.0.0.1", set())
 
 
+def wait_until(predicate, timeout_s: float, what: str, poll_s: float = 0.1, detail=None) -> float:
+    """Seconds until ``predicate()`` held; fails naming ``what`` after ``timeout_s``
+    (with ``detail()``, what was seen, when given)."""
+    began = time.monotonic()
+    while not predicate():
+        if time.monotonic() - began > timeout_s:
+            seen = f"; seen: {detail()}" if detail is not None else ""
+            pytest.fail(f"{what}: not within {timeout_s:g} s{seen}")
+        time.sleep(poll_s)
+    return time.monotonic() - began
+
+
 def http_json(url: str, body: dict | None = None, timeout: float = 30) -> tuple[int, dict]:
     """GET (no body) or POST JSON; (status, parsed body or {"text": raw})."""
     data = None if body is None else json.dumps(body).encode()

@@ -26,7 +26,15 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import base_env, events, http_json, requires_vllm, start_service, stop_service
+from .conftest import (
+    base_env,
+    events,
+    http_json,
+    requires_vllm,
+    start_service,
+    stop_service,
+    wait_until,
+)
 from .test_engine_stalls import wait_progressing
 
 pytestmark = [pytest.mark.vllm, requires_vllm]
@@ -246,13 +254,13 @@ def test_read_after_the_lease_expired_is_never_used(rehearsal):
     # polls NIXL for the decode's notification: seconds later if that worker is held
     # in a step (seen in CI: the prefill worker stuck in one step for over 10 s right
     # at this first hand-off, which its watchdog reported as a stall).
-    deadline = time.monotonic() + STALE_COUNT_WAIT_S
-    while not kv_events(s.prefill_log, "kv.stale_read_detected", since):
-        assert time.monotonic() < deadline, (
-            f"the prefill did not count the late read in {STALE_COUNT_WAIT_S} s; "
-            f"its stalls: {prefill_stalls(rehearsal, since)}"
-        )
-        time.sleep(0.5)
+    wait_until(
+        lambda: kv_events(s.prefill_log, "kv.stale_read_detected", since),
+        STALE_COUNT_WAIT_S,
+        "the prefill counting the late read",
+        poll_s=0.5,
+        detail=lambda: f"prefill stalls {prefill_stalls(rehearsal, since)}",
+    )
     stalls = prefill_stalls(rehearsal, since)
     report(f"read after lease expiry (refused: {cause}; prefill stalls: {stalls})", elapsed)
 

@@ -61,6 +61,7 @@ from .conftest import (
     requires_vllm,
     start_service,
     stop_service,
+    wait_until,
 )
 
 HAVE_RAY = importlib.util.find_spec("ray") is not None
@@ -297,18 +298,6 @@ def model() -> Path:
 
     path = default_model_path(MODEL_CACHE)
     return path if path.is_dir() else build(MODEL_CACHE)
-
-
-def wait_until(predicate, timeout_s: float, what: str, poll_s: float = 0.1, detail=None) -> float:
-    """Seconds until ``predicate()`` held; fails naming ``what`` after ``timeout_s``
-    (with ``detail()``, what was seen, when given)."""
-    began = time.monotonic()
-    while not predicate():
-        if time.monotonic() - began > timeout_s:
-            seen = f"; seen: {detail()}" if detail is not None else ""
-            pytest.fail(f"{what}: not within {timeout_s:g} s{seen}")
-        time.sleep(poll_s)
-    return time.monotonic() - began
 
 
 def wait_served(server, timeout_s: float = STARTUP_DEADLINE_S) -> float:
