@@ -42,10 +42,25 @@ def test_transfer_deadline_follows_the_slowest_measured_bandwidth():
 def test_other_phases_learn_from_the_longest_seen():
     d = _deadlines()
     assert d.deadline(Phase.HANDSHAKE) == 2.0
-    d.observe(Phase.HANDSHAKE, 1.5)
+    assert d.observe(Phase.HANDSHAKE, 1.5)
     assert d.deadline(Phase.HANDSHAKE) == pytest.approx(6.0)
-    d.observe(Phase.HANDSHAKE, 100.0)
-    assert d.deadline(Phase.HANDSHAKE) == 60.0
+    assert d.observe(Phase.HANDSHAKE, 5.9)
+    assert d.deadline(Phase.HANDSHAKE) == pytest.approx(23.6)
+    assert d.observe(Phase.HANDSHAKE, 20.0)
+    assert d.deadline(Phase.HANDSHAKE) == 60.0  # 80 s, capped
+
+
+def test_a_phase_that_overran_its_deadline_is_not_learned():
+    """The worker checks deadlines in its step: a phase seen only after it overran
+    means the step was held (a stall), and must not stretch the next deadline."""
+    d = _deadlines(floor_s=10.0)
+    assert not d.observe(Phase.FIRST_PROGRESS, 20.0)  # a 20 s stalled step
+    assert d.deadline(Phase.FIRST_PROGRESS) == 10.0  # not 80 s
+    assert d.observe(Phase.FIRST_PROGRESS, 9.0)
+    assert d.deadline(Phase.FIRST_PROGRESS) == pytest.approx(36.0)
+    # a transfer that overran teaches no bandwidth either
+    assert not d.observe(Phase.TRANSFER, 30.0, 10_000_000)
+    assert d.bandwidth_bps() == 100e6
 
 
 def test_fault_spec_parses_and_rejects_with_the_accepted_forms():

@@ -13,7 +13,9 @@ A phase's deadline is always within ``[floor, cap]`` (configuration):
   measures latency and step timing, not the link.
 
 So a big transfer on a slow link gets a long deadline and a small stuck one
-is caught after the floor.
+is caught after the floor. A duration longer than the deadline in force is not
+learned: the worker's step was held past it (deadlines are checked in the
+step), which is the step watchdog's finding, not the peer's pace.
 """
 
 from __future__ import annotations
@@ -56,7 +58,16 @@ class Deadlines:
         self._seen: dict[Phase, deque[float]] = {p: deque(maxlen=config.window) for p in Phase}
         self._bandwidth: deque[float] = deque(maxlen=config.window)
 
-    def observe(self, phase: Phase, seconds: float, nbytes: int | None = None) -> None:
+    def observe(self, phase: Phase, seconds: float, nbytes: int | None = None) -> bool:
+        """Learn one duration; False (nothing learned) if it overran the deadline in force.
+
+        A phase that overran was not timed by its deadline -- the process was held
+        (a stalled step cannot check deadlines) -- so it says nothing about the
+        peer or the link, and learning it would stretch the deadline that must
+        catch the next stuck load by the slack (a 20 s stall: 80 s after).
+        """
+        if seconds > self.deadline(phase, nbytes or 0):
+            return False
         with self._lock:
             self._seen[phase].append(max(seconds, 0.0))
             # Small, fast transfers measure latency and step granularity, not the
@@ -64,6 +75,7 @@ class Deadlines:
             big = nbytes is not None and nbytes >= self.config.bandwidth_min_bytes
             if phase is Phase.TRANSFER and nbytes and seconds > 0 and (big or seconds >= 0.5):
                 self._bandwidth.append(nbytes / seconds)
+        return True
 
     def bandwidth_bps(self) -> float:
         """The bandwidth transfer deadlines assume now (bytes per second)."""

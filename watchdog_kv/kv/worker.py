@@ -279,11 +279,23 @@ class WorkerWatch:
             if phase == "handshaking" and transfer.state is Recv.WAITING:
                 self._try(req_id, RecvEvent.HANDSHAKE)
             elif phase == "pulling" and transfer.state in (Recv.WAITING, Recv.HANDSHAKING):
-                self.deadlines.observe(
-                    _PHASE_OF[transfer.state], time.monotonic() - transfer.phase_started
+                self._learn(
+                    req_id, _PHASE_OF[transfer.state], time.monotonic() - transfer.phase_started
                 )
                 self._try(req_id, RecvEvent.POSTED)
                 load.posted_at = time.monotonic()
+
+    def _learn(self, req_id: str, phase: Phase, seconds: float, nbytes: int = 0) -> None:
+        if not self.deadlines.observe(phase, seconds, nbytes or None):
+            _log.warning(
+                "kv.phase_overran",
+                rank=self.rank,
+                request_id=req_id,
+                phase=phase.value,
+                seconds=round(seconds, 3),
+                deadline_s=round(self.deadlines.deadline(phase, nbytes), 3),
+                note="not learned: this worker was held past the deadline",
+            )
 
     def _try(self, req_id: str, event: RecvEvent, cause: str | None = None) -> bool:
         try:
@@ -391,7 +403,7 @@ class WorkerWatch:
         if transfer is None or not self._try(req_id, RecvEvent.DONE):
             return
         started = load.posted_at or transfer.started
-        self.deadlines.observe(Phase.TRANSFER, now - started, load.nbytes or None)
+        self._learn(req_id, Phase.TRANSFER, now - started, load.nbytes)
         metrics.local().observe("kv_transfer_seconds", now - started, metrics.TRANSFER_BUCKETS)
         load.done_at = now
         fault = self.settings.fault
@@ -426,7 +438,7 @@ class WorkerWatch:
     def _finish_check(self, req_id: str, load: _Load, verdict: Verdict) -> None:
         assert load.asked_at is not None
         waited = time.monotonic() - load.asked_at
-        self.deadlines.observe(Phase.VERIFY, waited)
+        self._learn(req_id, Phase.VERIFY, waited)
         why = verdict.value
         _log.debug("kv.lease_checked", request_id=req_id, verdict=why, waited_s=waited)
         if verdict is Verdict.VALID:
