@@ -21,6 +21,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +57,25 @@ def wait_until(predicate, timeout_s: float, what: str, poll_s: float = 0.1, deta
             pytest.fail(f"{what}: not within {timeout_s:g} s{seen}")
         time.sleep(poll_s)
     return time.monotonic() - began
+
+
+def kv_outcomes(svc, server: str) -> Counter:
+    """How the KV loads of ``server``'s workers ended (their status records):
+    ``received`` over NIXL, ``recomputed`` after giving up, ..."""
+    out: Counter = Counter()
+    for r in svc.status()["processes"]:
+        if r["server"] == server and r["role"] == "worker":
+            out.update(((r.get("kv") or {}).get("outcomes")) or {})
+    return out
+
+
+def kv_status(svc) -> dict:
+    """Every worker's KV status record, by server and pid (what a failed wait shows)."""
+    return {
+        f"{r['server']}/{r['pid']}": r.get("kv")
+        for r in svc.status()["processes"]
+        if r["role"] == "worker"
+    }
 
 
 def http_json(url: str, body: dict | None = None, timeout: float = 30) -> tuple[int, dict]:

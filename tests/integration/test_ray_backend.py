@@ -39,7 +39,6 @@ import tempfile
 import textwrap
 import time
 import urllib.request
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,6 +57,8 @@ from .conftest import (
     events,
     free_port,
     http_json,
+    kv_outcomes,
+    kv_status,
     requires_vllm,
     start_service,
     stop_service,
@@ -558,29 +559,10 @@ def ask(url: str, prompt: str) -> tuple[str, str]:
         return json.load(resp)["choices"][0]["text"], resp.headers["X-Watchdog-Recovery"]
 
 
-def kv_outcomes(svc, server: str) -> Counter:
-    """How the KV loads of ``server``'s workers ended (their status records):
-    ``received`` over NIXL, ``recomputed`` after giving up, ..."""
-    out: Counter = Counter()
-    for r in svc.status()["processes"]:
-        if r["server"] == server and r["role"] == "worker":
-            out.update(((r.get("kv") or {}).get("outcomes")) or {})
-    return out
-
-
 def kv_settled(svc, server: str) -> int:
     """Loads of ``server`` that ended, pulled or recomputed."""
     outcomes = kv_outcomes(svc, server)
     return outcomes["received"] + outcomes["recomputed"]
-
-
-def kv_status(svc) -> dict:
-    """Every worker's KV status record, by server and pid (what a failed wait shows)."""
-    return {
-        f"{r['server']}/{r['pid']}": r.get("kv")
-        for r in svc.status()["processes"]
-        if r["role"] == "worker"
-    }
 
 
 def recovery_causes(log: Path) -> list[str]:
