@@ -28,6 +28,7 @@ from pathlib import Path
 import pytest
 
 from watchdog_kv.kv.lease import LEASE_PARAM
+from watchdog_kv.step.evidence import process_state
 
 from .conftest import (
     base_env,
@@ -61,10 +62,9 @@ class Servers:
         self.decode_log = Path(servers["decode-0"]["log"])
         self.prefill_pid = servers["prefill-0"]["pid"]
         records = [r for r in status["processes"] if r["server"] == "prefill-0"]
-        self.prefill_roles = {
+        self.prefill_engine = {
             r["pid"]: r["role"] for r in records if r["role"] in ("engine_core", "worker")
         }
-        self.prefill_engine = list(self.prefill_roles)
 
     @staticmethod
     def _complete(url: str, prompt: str, timeout: float, **extra) -> tuple[int, dict, float]:
@@ -132,19 +132,18 @@ def test_stopped_prefill_engine_is_recovered_by_recompute(service):
     assert params.get("do_remote_prefill") and params.get(LEASE_PARAM), params
     before = kv_outcomes(service, "decode-0")
     since = time.time()
-    roles = sorted(s.prefill_roles.values())
-    assert roles == ["engine_core", "worker"], s.prefill_roles
+    assert sorted(s.prefill_engine.values()) == ["engine_core", "worker"], s.prefill_engine
     for pid in s.prefill_engine:
         os.kill(pid, signal.SIGSTOP)
     try:
         wait_until(
-            lambda: all(proc_state(pid) == "T" for pid in s.prefill_engine),
+            lambda: all(process_state(pid) == "T" for pid in s.prefill_engine),
             5,
             "the prefill's engine core and worker stopped",
-            detail=lambda: {pid: proc_state(pid) for pid in s.prefill_engine},
+            detail=lambda: {pid: process_state(pid) for pid in s.prefill_engine},
         )
         code, text, elapsed = s.decode_with(prompt, params)
-        still = {s.prefill_roles[pid]: proc_state(pid) for pid in s.prefill_engine}
+        still = {role: process_state(pid) for pid, role in s.prefill_engine.items()}
         assert set(still.values()) == {"T"}, f"the prefill was resumed during the decode: {still}"
         # the decode's record of how the load ended, read while the prefill is
         # still stopped: nothing it could have verified was used
@@ -177,12 +176,6 @@ def test_stopped_prefill_engine_is_recovered_by_recompute(service):
     assert elapsed < limit + RECOMPUTE_ALLOWANCE_S
     print(f"\n[path] stopped prefill engine: {cause}")
     report("stopped prefill engine", elapsed)
-
-
-def proc_state(pid: int) -> str:
-    """The kernel's one-letter state of ``pid`` (``T``: stopped)."""
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    return stat[stat.rindex(")") + 2]
 
 
 def tail(log: Path, lines: int = 40) -> str:

@@ -15,13 +15,13 @@ import subprocess
 import sys
 import textwrap
 import time
-from pathlib import Path
 
 import pytest
 
 from watchdog_kv import process as procrecords
 from watchdog_kv.step.beacon import RING_SLOTS, Beacon, Phase, read_beacon
 from watchdog_kv.step.deadlines import Kind, Limits, StepDeadlines
+from watchdog_kv.step.evidence import process_state
 from watchdog_kv.step.monitor import Monitor, find_stalls
 from watchdog_kv.step.report import build_report, render
 
@@ -219,8 +219,7 @@ def test_stopped_process_is_detected_and_stays_stopped(tmp_path, watched):
     (item,) = build_report(tmp_path / "dumps")
     assert item["culprit"]["state"] == "T"
     assert item["culprit"]["frame"].startswith("execute_model (fake_worker.py:")
-    state = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    assert state == "T", "collecting evidence must not resume a stopped process"
+    assert process_state(proc.pid) == "T", "collecting evidence must not resume a stopped process"
     incident = json.loads(next((tmp_path / "dumps").glob("*/incident.json")).read_text())
     assert incident["stall"]["pid"] == proc.pid
     assert procrecords.read_records(tmp_path / "state")[0]["alive"]
