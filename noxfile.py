@@ -22,7 +22,7 @@ nox.options.sessions = ["tests"]
 def _install_cpu_stack(session: nox.Session, *extras: str) -> None:
     session.install("--upgrade", "pip")
     session.install("-e", f".[{','.join(('cpu', *extras))}]")
-    session.run("watchdog-kv", "doctor", "--fix")
+    session.run_install("watchdog-kv", "doctor", "--fix")  # also under --install-only
 
 
 @nox.session
@@ -43,10 +43,11 @@ def _install_phoenix(session: nox.Session) -> str:
     venv = Path(".nox") / "phoenix"
     stamp = venv / "installed"
     if not stamp.exists() or stamp.read_text() != PHOENIX:
-        session.run("python", "-m", "venv", "--clear", str(venv))
+        # run_install: also done by `nox -s tests --install-only`
+        session.run_install("python", "-m", "venv", "--clear", str(venv))
         pip = str(venv / "bin" / "pip")
-        session.run(pip, "install", "--quiet", "--upgrade", "pip", external=True)
-        session.run(pip, "install", "--quiet", PHOENIX, external=True)
+        session.run_install(pip, "install", "--quiet", "--upgrade", "pip", external=True)
+        session.run_install(pip, "install", "--quiet", PHOENIX, external=True)
         stamp.write_text(PHOENIX)
     return str((venv / "bin" / "phoenix").resolve())
 
