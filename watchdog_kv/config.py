@@ -34,6 +34,7 @@ __all__ = [
     "OtelSettings",
     "Settings",
     "Variable",
+    "default_state_dir",
     "load",
     "load_otel",
     "markdown_table",
@@ -129,7 +130,8 @@ def _name(raw: str) -> str:
     return value
 
 
-def _default_state_dir() -> Path:
+def default_state_dir() -> Path:
+    """``$XDG_RUNTIME_DIR/watchdog_kv-<uid>``, else the same under the temp dir."""
     base = os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
     return Path(base) / f"watchdog_kv-{os.getuid()}"
 
@@ -187,7 +189,7 @@ VARIABLES: tuple[Variable, ...] = (
         name="WATCHDOG_KV_STATE_DIR",
         attr="state_dir",
         parse=_path,
-        default=_default_state_dir,
+        default=default_state_dir,
         default_doc="$XDG_RUNTIME_DIR/watchdog_kv-<uid> (or the temp dir)",
         accepted="a directory path",
         doc="Where each watched process writes its status record "
@@ -481,7 +483,7 @@ VARIABLES: tuple[Variable, ...] = (
         default=FaultPlan,
         default_doc="unset (no fault)",
         accepted="comma-separated delay:<s>, drop:<p>, corrupt:<p>, stall_handshake:<s>, "
-        "stall_step:<s>, stall_notif:<s>, crash_start",
+        "stall_step:<s>, stall_notif:<s>, crash_start, crash_step, slow_step:<s>",
         doc="Fault injection for rehearsals (docs/kv-transfer.md, docs/step-watchdog.md). "
         "Never set it in production.",
     ),

@@ -14,8 +14,11 @@ own pid). It:
    :class:`~watchdog_kv.config.ConfigError`, which stops vLLM's start-up with
    the variable's name and what it accepts;
 2. with ``WATCHDOG_KV_ENABLED=0``, logs one line and stops: no hook, no file;
-3. otherwise tells the process role, installs the hooks and writes the status
-   record ``<state_dir>/procs/<pid>.json``, then logs ``watchdog_kv.registered``.
+3. otherwise, first of all, asks for AMX tile permission where the CPU has AMX
+   (:mod:`watchdog_kv.host.amx`: without it stock vLLM dies of SIGILL on such
+   hosts) and then keeps a native-crash record (:mod:`watchdog_kv.crash.record`);
+4. tells the process role, installs the hooks and writes the status record
+   ``<state_dir>/procs/<pid>.json``, then logs ``watchdog_kv.registered``.
 
 Any failure of watchdog_kv's own (not a configuration error) is logged and
 leaves the plugin disabled in that process: vLLM carries on untouched.
@@ -31,7 +34,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from watchdog_kv import config, faults, process
+from watchdog_kv.crash import record as crash_record
 from watchdog_kv.guard import contained
+from watchdog_kv.host import amx, cpus
 from watchdog_kv.kv import hooks as kv_hooks
 from watchdog_kv.step import hooks as step_hooks
 from watchdog_kv.telemetry import logs, metrics, tracing
@@ -52,6 +57,8 @@ class Registration:
     record_path: str | None = None
     record: process.StatusRecord | None = None
     metrics_stop: threading.Event | None = None
+    amx_state: amx.AmxState | None = None
+    crash_record: str | None = None
 
 
 _current: Registration | None = None
@@ -104,6 +111,14 @@ def register() -> Registration:
             if not settings.enabled:
                 _log.info("watchdog_kv.disabled", reason="WATCHDOG_KV_ENABLED=0")
                 return reg
+            # before anything installs an alternate signal stack (see host/amx.py)
+            reg.hooks += _ask_for_amx(reg)
+            with contained("crash record"):
+                path = crash_record.enable(settings.state_dir)
+                reg.crash_record = str(path) if path is not None else None
+                reg.hooks.append(
+                    "crash.faulthandler" if path is not None else "crash.operator_faulthandler"
+                )
             if reg.identity.role == "api_server":
                 faults.maybe_crash(settings.fault, settings.state_dir, settings.server)
             if reg.identity.role in ("engine_core", "worker"):
@@ -115,8 +130,10 @@ def register() -> Registration:
                     process=reg.identity.role,
                     rank=reg.identity.rank,
                 )
-            reg.hooks = kv_hooks.install(settings, reg.identity.rank, _publisher(reg))
+            reg.hooks += kv_hooks.install(settings, reg.identity.rank, _publisher(reg))
             reg.hooks += _install_step_watch(settings, reg.identity.role)
+            if reg.identity.role == "engine_core":
+                reg.hooks += cpus.install(settings.server, _publisher(reg, "cpus"))
             record = process.StatusRecord(
                 pid=reg.pid,
                 ppid=os.getppid(),
@@ -127,6 +144,8 @@ def register() -> Registration:
                 hooks=list(reg.hooks),
                 vllm_version=_vllm_version(),
                 watchdog_kv_version=_version("watchdog_kv"),
+                amx=reg.amx_state.as_dict() if reg.amx_state is not None else None,
+                crash_record=reg.crash_record,
             )
             reg.record = record
             reg.record_path = str(process.write_record(settings.state_dir, record))
@@ -141,6 +160,26 @@ def register() -> Registration:
                 status_record=reg.record_path,
             )
         return reg
+
+
+def _ask_for_amx(reg: Registration) -> list[str]:
+    """AMX tile permission for this process, where the CPU has AMX; the hook's name
+    when it is in place."""
+    with contained("AMX permission"):
+        reg.amx_state = state = amx.request_permission()
+        if not state.cpu_flags:
+            return []
+        if state.permitted:
+            _log.info("host.amx_permission", action=state.action, detail=state.describe())
+            return ["host.amx_permission"]
+        _log.error(
+            "host.amx_permission_refused",
+            detail=state.describe(),
+            consequence="vLLM's AMX attention kernel will die of SIGILL in this process",
+            fix="start vLLM without PYTHONFAULTHANDLER or other code that installs a small "
+            "alternate signal stack before plugins load (see docs/host-problems.md)",
+        )
+    return []
 
 
 def _install_step_watch(settings: config.Settings, role: str) -> list[str]:
@@ -179,6 +218,8 @@ def unregister() -> None:
             reg.metrics_stop.set()
         kv_hooks.uninstall()
         step_hooks.uninstall()
+        cpus.uninstall()
+        crash_record.disable()
         logs.set_recorder(None)
         if reg is None or reg.record_path is None:
             return

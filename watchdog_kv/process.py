@@ -84,6 +84,9 @@ class StatusRecord:
     registered_at: float = field(default_factory=time.time)
     vllm_version: str | None = None
     watchdog_kv_version: str | None = None
+    amx: dict[str, Any] | None = None  # what was found and done about AMX (host.amx)
+    crash_record: str | None = None  # where faulthandler writes if this process crashes
+    cpus: dict[str, Any] | None = None  # an engine core's OpenMP binding (host.cpus)
 
 
 def write_record(state_dir: Path, record: StatusRecord) -> Path:

@@ -146,3 +146,36 @@ def test_a_kv_status_change_held_back_by_the_throttle_is_published_later(monkeyp
     assert [p["loading"] for p in published] == [1, 0]
     kv_hooks.flush()  # nothing new
     assert len(published) == 2
+
+
+def test_registration_asks_for_amx_first_and_keeps_a_crash_record(tmp_path):
+    """In a fresh process (pytest's own faulthandler would otherwise be kept): the record
+    names the crash record and the AMX state; unregistering removes an empty record."""
+    code = (
+        "import json, os\n"
+        "from watchdog_kv import plugin\n"
+        "from watchdog_kv.host import amx\n"
+        "reg = plugin.register()\n"
+        "rec = json.loads(open(reg.record_path).read())\n"
+        "path = rec['crash_record']\n"
+        "print(json.dumps({'hooks': rec['hooks'], 'amx': rec['amx'], 'crash': path,\n"
+        "  'exists': os.path.exists(path), 'flags': list(amx.amx_flags())}))\n"
+        "plugin.unregister()\n"
+        "print(os.path.exists(path))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("WATCHDOG_KV_", "PYTHONFAULT"))}
+    env["WATCHDOG_KV_STATE_DIR"] = str(tmp_path)
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    first, after = out.stdout.strip().splitlines()
+    got = json.loads(first)
+    assert got["crash"].startswith(str(tmp_path / "crashes")) and got["exists"]
+    assert "crash.faulthandler" in got["hooks"]
+    assert got["amx"]["cpu_flags"] == got["flags"]
+    if "amx_tile" in got["flags"]:  # an AMX host: asked for, granted, named
+        assert got["hooks"][0] == "host.amx_permission" and got["amx"]["permitted"]
+    else:  # nothing asked, no hook
+        assert "host.amx_permission" not in got["hooks"] and got["amx"]["action"] == "none"
+    assert after == "False"  # the empty crash record went with the registration

@@ -1,0 +1,291 @@
+"""OpenMP core bindings of the vLLM engines on one host: claimed, compared, not shared.
+
+On CPU each vLLM worker binds its OpenMP threads to cores, chosen in the engine
+core (``OMPProcessManager`` in ``vllm/utils/ompmultiprocessing.py``) from
+``VLLM_CPU_OMP_THREADS_BIND``: ``auto`` (the default) takes every core of a
+NUMA node but those it reserves, the same cores for every server. Two servers
+started by hand on one host then spin their OpenMP threads on the same cores;
+measured on a 2-core machine, a decode's step was held 12.9 s inside
+``start_load_kv`` that way and the step watchdog declared it stalled.
+
+Each engine core the plugin loads into *claims* its workers' cores in a
+directory shared by every vLLM process of the user on the host
+(``<default state dir>/cpus/<pid>.json``, under a file lock), and compares its
+cores with the live claims of the others:
+
+* binding left on ``auto``: cores another live engine holds are given up when
+  cores nobody holds remain (``watchdog_kv`` rebinds, in vLLM's own manager,
+  before any worker starts); when none remain, it warns;
+* binding set by the operator (or the supervisor): kept as it is; an overlap
+  is a warning (``cpus.overlap``) naming the other server and the fix.
+
+The claim is in the engine core's status record (``cpus``), and
+``watchdog-kv doctor`` lists overlaps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import stat
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+import wrapt
+
+from watchdog_kv.guard import contained
+from watchdog_kv.patching import ClassPatches
+from watchdog_kv.telemetry import get_logger
+
+__all__ = [
+    "OMP_MODULE",
+    "Claim",
+    "claims_dir",
+    "install",
+    "overlaps",
+    "read_claims",
+    "rebind",
+    "uninstall",
+]
+
+OMP_MODULE = "vllm.utils.ompmultiprocessing"
+_log = get_logger("watchdog_kv.host")
+
+
+def claims_dir() -> Path:
+    """Shared by every vLLM process of this user on the host, whatever its state dir."""
+    from watchdog_kv.config import default_state_dir
+
+    return default_state_dir() / "cpus"
+
+
+def _private(path: Path) -> bool:
+    """A directory of ours: owned by this user, not a symlink, not writable by others."""
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        info = os.lstat(path)
+    except OSError:
+        return False
+    return (
+        stat.S_ISDIR(info.st_mode)
+        and info.st_uid == os.getuid()
+        and not info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+    )
+
+
+@dataclass
+class Claim:
+    """The cores one engine core's workers use (one list per local rank)."""
+
+    pid: int
+    server: str | None
+    cores: list[list[int]]
+    source: str  # operator | vllm_auto | watchdog_kv
+    started: float = 0.0  # the engine core's process start time (a reused pid is not it)
+    claimed_wall: float = field(default_factory=time.time)
+
+    def held(self) -> set[int]:
+        return {c for rank in self.cores for c in rank}
+
+    def bind_value(self) -> str:
+        """The claim as ``VLLM_CPU_OMP_THREADS_BIND`` writes it (``0-1|2-3``)."""
+        return "|".join(",".join(str(c) for c in rank) for rank in self.cores)
+
+    def describe(self) -> str:
+        return f"{self.server or 'a vLLM server'} (engine core pid {self.pid})"
+
+
+def _started(pid: int) -> float:
+    try:
+        return float(psutil.Process(pid).create_time())
+    except psutil.Error:
+        return 0.0
+
+
+def _live(claim: Claim) -> bool:
+    try:
+        proc = psutil.Process(claim.pid)
+        return bool(
+            proc.status() != psutil.STATUS_ZOMBIE and abs(proc.create_time() - claim.started) < 1
+        )
+    except psutil.Error:
+        return False
+
+
+def read_claims(folder: Path | None = None) -> list[Claim]:
+    """The claims of live engine cores (a dead one's file is removed on the way)."""
+    folder = folder or claims_dir()
+    out = []
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        try:
+            claim = Claim(**json.loads(path.read_text()))
+        except (OSError, ValueError, TypeError):
+            continue
+        if _live(claim):
+            out.append(claim)
+        else:
+            with contextlib.suppress(OSError):
+                path.unlink()
+    return out
+
+
+def overlaps(mine: Claim, others: list[Claim]) -> list[tuple[Claim, set[int]]]:
+    """The other claims sharing a core with ``mine``, and which cores."""
+    held = mine.held()
+    return [(o, held & o.held()) for o in others if o.pid != mine.pid and held & o.held()]
+
+
+def rebind(lists: list[list[int]], allowed: set[int], held: set[int]) -> list[list[int]] | None:
+    """Per-rank core lists like ``lists`` that avoid the ``held`` cores, using only
+    ``allowed`` ones; None when that cannot be done (every free core is taken)."""
+    ours = {c for rank in lists for c in rank}
+    pool = sorted(allowed - held - ours)
+    needy = [i for i, rank in enumerate(lists) if not set(rank) - held]
+    out = []
+    for i, rank in enumerate(lists):
+        keep = [c for c in rank if c not in held]
+        if not keep:
+            if not pool:
+                return None
+            share = max(1, len(pool) // len(needy))
+            keep, pool = pool[:share], pool[share:]
+            needy.remove(i)
+        out.append(keep)
+    return out
+
+
+@contextlib.contextmanager
+def _locked(folder: Path) -> Iterator[None]:
+    with open(folder / ".lock", "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _write(folder: Path, claim: Claim) -> Path:
+    path = folder / f"{claim.pid}.json"
+    tmp = folder / f".{claim.pid}.json.tmp"
+    tmp.write_text(json.dumps(asdict(claim)) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def settle(
+    lists: list[list[int]],
+    auto: bool,
+    server: str | None,
+    folder: Path,
+    allowed: set[int],
+    pid: int | None = None,
+) -> tuple[Claim, list[tuple[Claim, set[int]]], list[list[int]] | None]:
+    """Claim cores for an engine about to start its workers: (the claim, the overlaps
+    left, the old lists when they were changed)."""
+    pid = os.getpid() if pid is None else pid
+    with _locked(folder):
+        others = [c for c in read_claims(folder) if c.pid != pid]
+        held = {core for other in others for core in other.held()}
+        before = None
+        source = "vllm_auto" if auto else "operator"
+        if auto and held & {c for rank in lists for c in rank}:
+            moved = rebind(lists, allowed, held)
+            if moved is not None:
+                before, lists, source = lists, moved, "watchdog_kv"
+        claim = Claim(pid, server, [list(r) for r in lists], source, _started(pid))
+        _write(folder, claim)
+    return claim, overlaps(claim, others), before
+
+
+# -- the hook in vLLM's OpenMP manager (engine core) -------------------------------------
+
+_lock = threading.RLock()
+_patches = ClassPatches()
+_installed = False
+_registered = False
+_server: str | None = None
+_publish: Callable[[dict[str, Any]], None] | None = None
+
+
+def install(server: str | None, publish: Callable[[dict[str, Any]], None] | None) -> list[str]:
+    """Claim (and, on ``auto``, de-overlap) the cores of the engines built here."""
+    global _installed, _registered, _server, _publish
+    with _lock:
+        _server, _publish = server, publish
+        if _installed:
+            return ["host.cpu_claims"]
+        _installed = True
+        if not _registered:
+            wrapt.register_post_import_hook(_patch, OMP_MODULE)
+            _registered = True
+        else:  # installed before, uninstalled since: vLLM's module may be loaded already
+            import sys
+
+            if OMP_MODULE in sys.modules:
+                _patch(sys.modules[OMP_MODULE])
+    return ["host.cpu_claims"]
+
+
+def uninstall() -> None:
+    global _installed, _publish
+    with _lock:
+        _patches.undo()
+        _installed = False
+        _publish = None
+
+
+def _patch(module: Any) -> None:
+    with _lock, contained("host.cpu_claims install"):
+        if not _installed or "_parse_omp_threads_bind_env" not in vars(module.OMPProcessManager):
+            return
+        _patches.replace(module.OMPProcessManager, "_parse_omp_threads_bind_env", _wrap)
+
+
+def _wrap(original: Callable[[Any], None]) -> Callable[[Any], None]:
+    def parse(manager: Any) -> None:
+        original(manager)  # vLLM's own choice first; ours only adjusts it
+        if _installed:
+            with contained("host.cpu_claims"):
+                _claim_for(manager)
+
+    return parse
+
+
+def _claim_for(manager: Any) -> None:
+    if getattr(manager, "skip_setup", True) or not getattr(manager, "cpu_lists", None):
+        return
+    folder = claims_dir()
+    if not _private(folder):
+        _log.warning("cpus.claims_skipped", folder=str(folder), reason="not a private directory")
+        return
+    lists = [list(map(int, rank)) for rank in manager.cpu_lists]
+    claim, shared, before = settle(
+        lists, bool(manager.auto_setup), _server, folder, set(os.sched_getaffinity(0))
+    )
+    if before is not None:
+        manager.cpu_lists = claim.cores
+        _log.warning(
+            "cpus.rebound",
+            was=before,
+            now=claim.cores,
+            reason="other vLLM servers on this host hold those cores",
+        )
+    for other, cores in shared:
+        _log.warning(
+            "cpus.overlap",
+            cores=sorted(cores),
+            other=other.describe(),
+            consequence="their OpenMP threads spin on the same cores: steps slow down and "
+            "may be declared stalled",
+            fix="give each server its own cores with VLLM_CPU_OMP_THREADS_BIND "
+            f"(this one has {claim.bind_value()!r}, the other {other.bind_value()!r})",
+        )
+    if _publish is not None:
+        _publish(asdict(claim) | {"overlaps": {o.describe(): sorted(c) for o, c in shared}})
