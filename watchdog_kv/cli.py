@@ -6,10 +6,13 @@ Commands:
 ``demo``    the same, then prove the hand-off on real requests, then stop
 ``model``   build (once) or locate the embedded tiny model
 ``config``  validate ``WATCHDOG_KV_*`` and print the settings (``--markdown``: the docs table)
-``report``  merge stall incidents (a dump directory) and name the stuck process/thread/frame
+``report``  merge incidents (a dump directory): the stuck process/thread/frame of each stall,
+            the signal and culprit frame of each crash
 ``monitor`` watch the vLLM processes of a state directory from outside (a sidecar for
             vLLM servers started without ``serve``), writing incidents on stalls
-``doctor``  check the vLLM CPU install; ``--fix`` removes packages that break it
+``doctor``  check what breaks stock vLLM on this host (a table: ok / fixed / warn /
+            problem, with what to do); ``--fix`` removes packages that break it.
+            ``serve`` and ``demo`` run the same checks first and refuse on a problem
 
 Exit codes: 0 success, 1 failure (the message says what), 2 bad usage or bad
 configuration, 130 interrupted.
@@ -22,6 +25,7 @@ import asyncio
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from watchdog_kv import config
 from watchdog_kv.telemetry import bind_process, configure
@@ -184,7 +188,9 @@ def _parser() -> argparse.ArgumentParser:
         help="print the table of every variable (docs/configuration.md)",
     )
 
-    report = sub.add_parser("report", help="name the culprit of each stall incident in DIR")
+    report = sub.add_parser(
+        "report", help="name the culprit of each stall and crash incident in DIR"
+    )
     report.add_argument(
         "dir",
         type=Path,
@@ -232,6 +238,8 @@ def _service(args: argparse.Namespace, settings: config.Settings, demo: bool) ->
     if problem:
         print(f"watchdog-kv: {problem}", file=sys.stderr)
         return EXIT_USAGE
+    if not _preflight(args, settings):
+        return 1
     try:
         model_path, served = _resolve_model(args, settings)
     except embedded.InvalidModelError as exc:
@@ -269,6 +277,46 @@ def _service(args: argparse.Namespace, settings: config.Settings, demo: bool) ->
         return 1
 
 
+def _preflight(args: argparse.Namespace, settings: config.Settings) -> bool:
+    """The doctor's checks for what is about to start; False (table printed) on a problem."""
+    from watchdog_kv import doctor
+    from watchdog_kv.telemetry import get_logger
+
+    ports = [("router", args.port)] if args.port is not None else []
+    ports += [
+        (name, port)
+        for name, port in (("prefill-0", args.prefill_port), ("decode-0", args.decode_port))
+        if port is not None
+    ]
+    servers = args.data_parallel_size if args.data_parallel_size > 1 else args.prefill + args.decode
+    findings = doctor.check(
+        doctor.Plan(
+            servers=servers,
+            host=args.host,
+            ports=tuple(ports),
+            state_dir=args.run_dir or settings.state_dir,
+            cache_dir=settings.cache_dir,
+            plugin_enabled=settings.enabled,
+            ports_required=True,
+        )
+    )
+    blocking = doctor.blocking(findings)
+    get_logger("watchdog_kv.doctor").info(
+        "doctor.checked",
+        findings={f.name: f"{f.status}: {f.detail}" for f in findings if f.status != "ok"},
+        problems=len(blocking),
+    )
+    if blocking:
+        print(
+            "watchdog-kv: not starting: the host has problems that would crash a vLLM "
+            "server (watchdog-kv doctor shows the same):\n" + doctor.render(findings),
+            file=sys.stderr,
+            end="",
+        )
+        return False
+    return True
+
+
 def _topology_problem(args: argparse.Namespace, demo: bool) -> str | None:
     if args.data_parallel_size < 1 or (demo and args.data_parallel_size > 1):
         return (
@@ -289,35 +337,53 @@ def _topology_problem(args: argparse.Namespace, demo: bool) -> str | None:
     return None
 
 
-def _doctor(args: argparse.Namespace) -> int:
+def _doctor(args: argparse.Namespace, settings: config.Settings) -> int:
     from watchdog_kv import doctor
 
-    findings = doctor.check()
+    plan = doctor.Plan(
+        state_dir=settings.state_dir,
+        cache_dir=settings.cache_dir,
+        plugin_enabled=settings.enabled,
+    )
+    findings = doctor.check(plan)
     if args.fix:
         removed = doctor.fix(findings)
         if removed:
             print(f"removed broken packages: {', '.join(removed)}")
-            findings = doctor.check()
-    for f in findings:
-        print(f"{'ok ' if f.ok else 'BAD'}  {f.name:<12} {f.detail}")
-    return 0 if all(f.ok for f in findings) else 1
+            findings = doctor.check(plan)
+    print(doctor.render(findings), end="")
+    return 0 if not doctor.blocking(findings) else 1
 
 
 def _report(args: argparse.Namespace) -> int:
     import json
 
-    from watchdog_kv.step.report import build_report, render
+    from watchdog_kv.crash import incident as crashes
+    from watchdog_kv.step import report as stalls
 
     if not args.dir.is_dir():
         print(f"watchdog-kv: {args.dir} is not a directory", file=sys.stderr)
         return EXIT_USAGE
     try:
-        report = build_report(args.dir)
+        items = stalls.build_report(args.dir) + crashes.load_crash_incidents(args.dir)
     except (OSError, ValueError, KeyError) as exc:
         print(f"watchdog-kv: cannot read incidents in {args.dir}: {exc}", file=sys.stderr)
         return 1
-    print(json.dumps(report, indent=1, default=str) if args.json else render(report), end="")
-    return 0 if report else 1
+
+    def when(item: dict[str, Any]) -> float:
+        head = item.get("stall") if item.get("kind") == "stall" else item.get("crash")
+        return float((head or {}).get("detected_wall", 0.0))
+
+    items.sort(key=when)
+    if args.json:
+        print(json.dumps(items, indent=1, default=str))
+    elif not items:
+        print("no incidents found")
+    else:
+        for item in items:
+            text = stalls.render([item]) if item["kind"] == "stall" else crashes.render(item)
+            print(text, end="")
+    return 0 if items else 1
 
 
 def _monitor(args: argparse.Namespace, settings: config.Settings) -> int:
@@ -358,7 +424,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(embedded.default_model_path(settings.cache_dir))
         return 0
     if args.command == "doctor":
-        return _doctor(args)
+        return _doctor(args, settings)
     if args.command == "report":
         return _report(args)
     if args.command == "monitor":

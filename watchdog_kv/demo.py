@@ -14,6 +14,9 @@ not), the demo:
 4. prints a table: disaggregated == local, NIXL transfers and bytes, latency.
 
 It exits 0 only if every row matches and every request pulled KV over NIXL.
+A request that fails does not end in a traceback: the demo prints the error and
+what the supervisor found (a server's crash, with its signal and culprit frame,
+or a stall), and where the incidents are for ``watchdog-kv report``.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import json
 import time
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -208,9 +212,15 @@ async def run_demo(
             console.print(
                 f"[dim]request {i}/{len(DEMO_REQUESTS)}: {req.endpoint} stream={req.stream}[/]"
             )
-            row = await compare_with_local(http, router.url, decode_url, model, req, timeout_s)
+            try:
+                row = await compare_with_local(http, router.url, decode_url, model, req, timeout_s)
+            except (RuntimeError, aiohttp.ClientError, TimeoutError, ValueError) as exc:
+                console.print(f"[red]request {i} failed: {exc or type(exc).__name__}[/]")
+                _explain(supervisor, console)
+                return 1
             rows.append(row)
     console.print(render(rows))
+    _explain(supervisor, console)
     ok = all(r.ok for r in rows)
     console.print(
         "[green]every disaggregated answer equals the local one, and every "
@@ -219,3 +229,40 @@ async def run_demo(
         else "[red]some rows failed: see the table[/]"
     )
     return 0 if ok else 1
+
+
+def diagnoses(supervisor: Supervisor) -> list[str]:
+    """What went wrong with the servers during the run: each crash (signal and culprit
+    frame, with the known cause when there is one) and each stall."""
+    out: list[str] = []
+    for srv in supervisor.servers.values():
+        for crash in srv.crashes:
+            line = crash["message"]
+            hint = _hint(crash.get("incident"))
+            out.append(f"{line}\n    {hint}" if hint else line)
+        if srv.failure is not None:
+            out.append(f"{srv.spec.name} failed: {srv.failure['reason']}")
+    out.extend(stall.describe() for stall in supervisor.stalls())
+    return out
+
+
+def _hint(incident: str | None) -> str | None:
+    if not incident:
+        return None
+    try:
+        data = json.loads((Path(incident) / "incident.json").read_text())
+    except (OSError, ValueError):
+        return None
+    hint = data.get("hint")
+    return str(hint) if hint else None
+
+
+def _explain(supervisor: Supervisor, console: Console) -> None:
+    found = diagnoses(supervisor)
+    if not found:
+        return
+    console.print("[yellow]what the supervisor saw during the run:[/]")
+    for line in found:
+        console.print(f"  {line}", markup=False)
+    dumps = supervisor.settings.dump_dir or supervisor.run_dir / "dumps"
+    console.print(f"details: watchdog-kv report {dumps}", markup=False)

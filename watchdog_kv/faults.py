@@ -32,6 +32,18 @@ A server that keeps crashing is rehearsed with ``crash_start``: while
 every API server of it exits with code 3 as soon as watchdog_kv loads, before
 vLLM serves anything -- a crash loop the supervisor's restart limit must end.
 
+The worker-step faults act in a worker's ``execute_model``:
+
+========================  ======================================================
+``crash_step``            once per :func:`arm`: the worker dies of SIGILL in its
+                          next model step (a native crash in the forward pass,
+                          as vLLM's AMX kernel without tile permission)
+``slow_step:SECONDS``     while armed (until :func:`disarm`): every model step
+                          sleeps SECONDS first, GIL released -- a slow but
+                          healthy decode, which holds a request in flight for
+                          as long as a test needs it there
+========================  ======================================================
+
 Probabilities draw from a generator seeded by ``WATCHDOG_KV_FAULT_SEED``, so a
 rehearsal repeats exactly for the same request order.
 """
@@ -55,6 +67,7 @@ __all__ = [
     "maybe_crash",
     "maybe_stall",
     "parse_faults",
+    "rehearse_step",
     "take_armed",
 ]
 
@@ -67,6 +80,8 @@ FAULT_KINDS = {
     "stall_step": ("seconds", "stall_step_s"),
     "stall_notif": ("seconds", "stall_notif_s"),
     "crash_start": ("flag", "crash_start"),
+    "crash_step": ("flag", "crash_step"),
+    "slow_step": ("seconds", "slow_step_s"),
 }
 CRASH_EXIT_CODE = 3
 
@@ -80,6 +95,8 @@ class FaultPlan:
     stall_step_s: float = 0.0
     stall_notif_s: float = 0.0
     crash_start: float = 0.0
+    crash_step: float = 0.0
+    slow_step_s: float = 0.0
 
     @property
     def active(self) -> bool:
@@ -143,7 +160,7 @@ def _arm_path(state_dir: Path, server: str | None, kind: str) -> Path:
     return state_dir / "faults" / (server or "any") / kind
 
 
-_ARMABLE = ("stall_step", "stall_notif", "crash_start")
+_ARMABLE = ("stall_step", "stall_notif", "crash_start", "crash_step", "slow_step")
 
 
 def arm(state_dir: Path, server: str | None, kind: str) -> Path:
@@ -195,3 +212,23 @@ def maybe_stall(plan: FaultPlan, state_dir: Path, server: str | None, kind: str)
             "fault.stall_injected", kind=kind, seconds=seconds, holds_gil=True
         )
         hold_gil(seconds)
+
+
+def rehearse_step(plan: FaultPlan, state_dir: Path, server: str | None) -> None:
+    """The faults of a worker's model step, if configured and armed: a stall that holds
+    the GIL, a slow step, or a crash (SIGILL)."""
+    if plan.stall_step_s:
+        maybe_stall(plan, state_dir, server, "stall_step")
+    if plan.slow_step_s and _arm_path(state_dir, server, "slow_step").exists():
+        import time
+
+        time.sleep(plan.slow_step_s)
+    if plan.crash_step and take_armed(state_dir, server, "crash_step"):
+        import signal
+
+        from watchdog_kv.telemetry import get_logger
+
+        get_logger("watchdog_kv.faults").warning(
+            "fault.crash_injected", kind="crash_step", signal="SIGILL"
+        )
+        signal.raise_signal(signal.SIGILL)

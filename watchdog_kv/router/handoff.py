@@ -29,9 +29,11 @@ from watchdog_kv.telemetry import get_logger
 from watchdog_kv.telemetry.tracing import TRACE_PARAM
 
 __all__ = [
+    "ENGINE_DEAD",
     "Backend",
     "HandoffError",
     "decode_whole",
+    "engine_dead",
     "idle_timeout",
     "no_answer",
     "prefill_body",
@@ -43,6 +45,15 @@ __all__ = [
 ]
 
 _log = get_logger("watchdog_kv.router")
+
+# vLLM's EngineDeadError: its engine core (or a worker under it) is gone for good; the
+# API server answers with it until it shuts itself down.
+ENGINE_DEAD = "EngineCore encountered an issue"
+
+
+def engine_dead(status: int, detail: object) -> bool:
+    """Does this answer say the server's engine is dead (never worth asking again)?"""
+    return status >= 500 and ENGINE_DEAD in str(detail)
 
 
 @dataclass(frozen=True)
@@ -135,6 +146,13 @@ async def relay_error(resp: aiohttp.ClientResponse, backend: Backend) -> Handoff
     if 400 <= resp.status < 500:
         # vLLM rejected the request itself: the client's mistake, passed through.
         return HandoffError(resp.status, str(detail), "invalid_request_error")
+    if engine_dead(resp.status, detail):
+        return HandoffError(
+            502,
+            f"{backend.name}'s engine died: {detail}",
+            "engine_dead",
+            server=backend.name,
+        )
     if resp.status == 503:
         # Unavailable for now (a stalled engine's requests are failed this way):
         # retryable, so it stays a 503 for the client.

@@ -103,6 +103,7 @@ class Ladder:
         self.rungs: list[str] = []
         self.servers: list[str] = []
         self._stream: StreamRelay | None = None
+        self._dead: list[Backend] = []  # servers whose engine was seen dead: never again
 
     def left(self) -> float:
         return self.deadline - time.monotonic()
@@ -217,6 +218,8 @@ class Ladder:
                     raise
                 last = err
                 failed.append(backend)
+                if err.kind == "engine_dead":
+                    self._dead.append(backend)
                 self.log.warning("request.decode_failed", server=backend.name, error=err.message)
                 if stream is not None and stream.started and stream.why_not:
                     return await self._give_up(stream, err)
@@ -239,7 +242,8 @@ class Ladder:
         is starting or restarting. A server that failed once is tried once more: at
         once if it answered (a data-parallel server's guard sends the request to a
         healthy rank), a moment later if it did not (a process that has just died
-        takes a moment to be seen dead)."""
+        takes a moment to be seen dead) -- but never one whose engine it saw dead:
+        only its restarted self (a new epoch) is asked again."""
         while self.left() > 0:
             found = self.recoveries.rotate(role, self.backends.available(role))
             if not found:
@@ -249,8 +253,13 @@ class Ladder:
                 return fresh[0]
             if not found or last is None:  # nothing available, or nothing failed yet
                 break
-            again = [b for b in found if failed.count(b) < 2]
+            again = [b for b in found if failed.count(b) < 2 and b not in self._dead]
             if not again:
+                if any(b in self._dead for b in found):
+                    # still listed ready: the supervisor is about to see it dead and
+                    # restart it; wait for that (within the budget) rather than give up
+                    await asyncio.sleep(min(0.5, max(0.0, self.left())))
+                    continue
                 break
             if last.kind in _ANSWERED:
                 return again[0]

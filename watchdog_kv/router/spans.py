@@ -36,6 +36,8 @@ def cause_of(err: HandoffError) -> str:
     """The failure cause a trace reader filters on, from a router error."""
     if 400 <= err.status < 500 and err.status not in (408, 429):
         return "bad_input"
+    if err.kind == "engine_dead":
+        return "crash"
     if err.kind.endswith("_timeout"):
         return "stall"  # the server went silent
     if err.kind == "server_stalled" or "stalled" in err.message:

@@ -38,6 +38,7 @@ from aiohttp import web
 from watchdog_kv.router.handoff import (
     Backend,
     HandoffError,
+    engine_dead,
     idle_timeout,
     no_answer,
     relay_error,
@@ -377,7 +378,7 @@ def _failed_mid_stream(backend: Backend, detail: object, status: int = 502) -> H
     return HandoffError(
         status,
         f"decode server {backend.name} failed mid-stream: {detail}",
-        "decode_failed",
+        "engine_dead" if engine_dead(status, detail) else "decode_failed",
         server=backend.name,
     )
 

@@ -151,7 +151,7 @@ def _stepping(
     label: str,
     *,
     count_work: bool = False,
-    fault: str | None = None,
+    rehearse: bool = False,
     model_ran: Callable[[Any, tuple[Any, ...]], bool] = lambda result, args: True,
 ) -> Any:
     def make(original: Any) -> Any:
@@ -161,8 +161,8 @@ def _stepping(
                 return original(self, *args, **kwargs)
             work = _work(self) if count_work else None
             with watch.step(label, work) as note:
-                if fault is not None:
-                    watch.maybe_stall(fault)
+                if rehearse:
+                    watch.rehearse_step()
                 result = original(self, *args, **kwargs)
                 with contained("step.model_ran"):
                     note.model_ran = bool(model_ran(result, args))
@@ -211,7 +211,7 @@ def _patch_worker(module: Any) -> None:
     _replace(
         module.Worker,
         "execute_model",
-        _stepping("Worker.execute_model", fault="stall_step", model_ran=_tokens_scheduled),
+        _stepping("Worker.execute_model", rehearse=True, model_ran=_tokens_scheduled),
     )
     _replace(module.Worker, "sample_tokens", _stepping("Worker.sample_tokens", model_ran=_no_count))
     _replace(module.Worker, "execute_dummy_batch", _stepping("Worker.dummy_batch"))

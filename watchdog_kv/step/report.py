@@ -82,6 +82,8 @@ def load_incidents(folder: Path) -> list[Incident]:
     out: list[Incident] = []
     for path in dirs:
         head = json.loads((path / "incident.json").read_text())
+        if head.get("kind", "stall") != "stall":
+            continue  # a crash incident (watchdog_kv.crash.incident)
         procs: dict[int, dict[str, Any]] = {}
         for proc_file in sorted(path.glob("proc-*.json")):
             data = json.loads(proc_file.read_text())
@@ -207,6 +209,7 @@ def build_report(folder: Path) -> list[dict[str, Any]]:
             events = inc.procs[culprit.pid].get("flight_recorder", [])[-12:]
         out.append(
             {
+                "kind": "stall",
                 "incident": str(inc.path),
                 "stall": inc.stall,
                 "culprit": culprit.as_dict() if culprit else None,

@@ -172,9 +172,11 @@ class StepWatch:
                     if kind is Kind.CONNECTOR:
                         self._learn(kind, seconds, deadline, what)
 
-    def maybe_stall(self, kind: str) -> None:
-        """Fire an armed stall fault (rehearsals only; a no-op unless configured)."""
-        faults.maybe_stall(self.settings.fault, self.settings.state_dir, self.settings.server, kind)
+    def rehearse_step(self) -> None:
+        """Fire the armed faults of a model step (rehearsals only; a no-op unless configured)."""
+        plan = self.settings.fault
+        if plan.active:
+            faults.rehearse_step(plan, self.settings.state_dir, self.settings.server)
 
     def record(self, event: dict[str, Any]) -> None:
         """Flight recorder sink for this process's log events."""

@@ -10,7 +10,11 @@ Start-up is bounded: each server must answer ``GET /health`` with 200 within
 healthy in time, is a :class:`StartupError` naming it with its last log lines,
 and every process already started is stopped before the error is raised.
 
-Once running, :meth:`Supervisor.watch` restarts a server whose process exits;
+Once running, :meth:`Supervisor.watch` restarts a server that dies: its API
+server exits, or an engine core or worker of it is gone (a crash: see
+:mod:`watchdog_kv.supervisor.deaths`; the crash incident is written first, and
+a server that crashes twice in a row with the same signal in the same frame is
+marked failed with that diagnosis instead of being restarted again);
 the step watchdog's monitor (:mod:`watchdog_kv.step.monitor`, run here, outside
 every vLLM process) makes health honest (:meth:`Supervisor.health`: live, ready
 and progressing per server) and, under ``WATCHDOG_KV_STALL_ACTION=restart``, a
@@ -39,15 +43,16 @@ import aiohttp
 from tenacity import (
     AsyncRetrying,
     RetryCallState,
-    retry_if_exception_type,
+    retry_if_exception,
     stop_after_attempt,
 )
 
 from watchdog_kv import process as procrecords
 from watchdog_kv.config import Settings
+from watchdog_kv.crash.incident import Crash
 from watchdog_kv.router.handoff import Backend
 from watchdog_kv.step.monitor import Monitor, Stall
-from watchdog_kv.supervisor import ports
+from watchdog_kv.supervisor import deaths, ports
 from watchdog_kv.supervisor.launch import LocalServer, ServerProcess
 from watchdog_kv.supervisor.progress import StartupProgress
 from watchdog_kv.supervisor.servers import ServerSpec
@@ -74,12 +79,19 @@ class StartupError(RuntimeError):
 
 
 class ServerExitedError(StartupError):
-    def __init__(self, name: str, code: int | None, tail: list[str], log_path: Path):
+    def __init__(
+        self,
+        name: str,
+        code: int | None,
+        tail: list[str],
+        log_path: Path,
+        crash: Crash | None = None,
+    ):
         lines = "\n".join(f"    {ln}" for ln in tail) or "    (no output)"
-        super().__init__(
-            f"vLLM server {name} exited with code {code}; last log lines ({log_path}):\n{lines}"
-        )
-        self.name, self.code, self.tail = name, code, tail
+        how = f"exited with code {code}" if code is not None else "lost its engine"
+        why = f" ({crash.describe()})" if crash is not None and crash.signal else ""
+        super().__init__(f"vLLM server {name} {how}{why}; last log lines ({log_path}):\n{lines}")
+        self.name, self.code, self.tail, self.crash = name, code, tail, crash
 
 
 class ServerStartTimeout(StartupError):
@@ -127,6 +139,10 @@ class _Server:
     streak: int = 0  # restarts since the server was last stable
     starts: int = 0
     failure: dict[str, Any] | None = None
+    started_wall: float = 0.0  # time.time() at the last start: its processes register after
+    log_offset: int = 0  # the log's size at the last start: what came after is this run's
+    last_crash: Crash | None = None  # the previous death, for the same-crash rule
+    crashes: list[dict[str, Any]] = field(default_factory=list)
 
 
 class Supervisor:
@@ -267,6 +283,8 @@ class Supervisor:
         srv.exit_code = None
         srv.starts += 1
         srv.started_at = time.monotonic()
+        srv.started_wall = time.time()
+        srv.log_offset = deaths.log_size(srv.proc.log_path)
         await asyncio.to_thread(srv.proc.start)  # a Ray placement may take a while
         srv.started_at = time.monotonic()
         self._changed.set()
@@ -288,10 +306,14 @@ class Supervisor:
         while True:
             code = srv.proc.poll()
             tail = srv.proc.tail(1)
-            if code is not None:  # "failed" is the verdict of start() or restart()
+            dead = self._dead_engines(srv)
+            if code is not None or dead:  # "failed" is the verdict of start() or restart()
                 srv.state, srv.exit_code = "exited", code
                 progress.update(srv.spec.name, "failed", tail[-1] if tail else "")
-                raise ServerExitedError(srv.spec.name, code, srv.proc.tail(25), srv.proc.log_path)
+                crash = await self._examine(srv, code, dead)
+                raise ServerExitedError(
+                    srv.spec.name, code, srv.proc.tail(25), srv.proc.log_path, crash
+                )
             try:
                 async with http.get(url, timeout=aiohttp.ClientTimeout(total=2)) as resp:
                     if resp.status == 200:
@@ -409,17 +431,31 @@ class Supervisor:
         def row_backoff(_: RetryCallState | None = None) -> float:
             return min(60.0, self.settings.restart_backoff_s * 2.0 ** (srv.streak - 1))
 
+        def worth_retrying(exc: BaseException) -> bool:
+            if not isinstance(exc, StartupError):
+                return False
+            crash = getattr(exc, "crash", None)
+            if crash is None:
+                srv.last_crash = None  # another kind of failure: the row of crashes ends
+                return True
+            if self._same_crash_again(srv, crash):
+                repeated.append(crash)
+                return False
+            return True
+
+        repeated: list[Crash] = []
+
         retrying = AsyncRetrying(
             stop=stop_after_attempt(limit - srv.streak),
             wait=row_backoff,
-            retry=retry_if_exception_type(StartupError),
+            retry=retry_if_exception(worth_retrying),
             before_sleep=failed_attempt,
             reraise=True,
         )
         with _tracer().start_as_current_span(
             "server.restart", attributes={"watchdog.server": name, "watchdog.cause": cause}
         ) as span:
-            done = await self._restart_row(srv, retrying, causes, row_backoff)
+            done = await self._restart_row(srv, retrying, causes, row_backoff, repeated)
             span.set_attribute("watchdog.restarts_in_a_row", srv.streak)
             if not done:
                 tracing.fail(span, causes[-1])
@@ -431,6 +467,7 @@ class Supervisor:
         retrying: AsyncRetrying,
         causes: list[str],
         row_backoff: Callable[[], float],
+        repeated: list[Crash],
     ) -> bool:
         name, limit = srv.spec.name, self.settings.restart_limit
         if srv.streak:  # restarted before and failed again soon after: back off first
@@ -451,15 +488,19 @@ class Supervisor:
                     await self._respawn(srv)
         except StartupError as exc:
             causes.append(f"restart attempt failed: {str(exc).splitlines()[0]}")
-            self._give_up(srv, causes[-1])
+            if repeated:
+                self._give_up_crashing(srv, repeated[-1], causes[-1])
+            else:
+                self._give_up(srv, causes[-1])
             return False
         _log.info("server.restarted", server=name, after_s=round(srv.ready_after_s or 0, 1))
         return True
 
-    def _give_up(self, srv: _Server, cause: str) -> None:
+    def _give_up(self, srv: _Server, cause: str, reason: str | None = None) -> None:
         srv.state = "failed"
         srv.failure = {
-            "reason": f"restart limit reached: {srv.streak} restarts in a row "
+            "reason": reason
+            or f"restart limit reached: {srv.streak} restarts in a row "
             f"(WATCHDOG_KV_RESTART_LIMIT={self.settings.restart_limit})",
             "last_cause": cause,
             "causes": [r["cause"] for r in srv.restarts],
@@ -467,7 +508,64 @@ class Supervisor:
             "last_log_lines": srv.proc.tail(15),
         }
         self._changed.set()
-        _log.error("server.restart_limit_reached", server=srv.spec.name, **srv.failure)
+        if reason is None:
+            _log.error("server.restart_limit_reached", server=srv.spec.name, **srv.failure)
+
+    def _give_up_crashing(self, srv: _Server, crash: Crash, cause: str) -> None:
+        """The same crash twice in a row: failed, with the diagnosis, not restarted again."""
+        self._give_up(
+            srv,
+            cause,
+            reason=f"crashed twice in a row the same way: {crash.summary()} "
+            f"({crash.who()}); not restarted again",
+        )
+        assert srv.failure is not None
+        srv.failure["diagnosis"] = crash.as_dict() | {"dump": None}
+        srv.failure["incident"] = srv.crashes[-1].get("incident") if srv.crashes else None
+        _log.error("server.crash_loop", server=srv.spec.name, **srv.failure)
+
+    def _same_crash_again(self, srv: _Server, crash: Crash) -> bool:
+        """Remember ``crash`` as the server's last; True if it repeats the one before."""
+        again = deaths.same_crash_again(srv.last_crash, crash)
+        srv.last_crash = crash
+        return again
+
+    def _dead_engines(
+        self, srv: _Server, records: list[dict[str, Any]] | None = None
+    ) -> list[dict[str, Any]]:
+        if records is None:
+            records = procrecords.read_records(self.run_dir)
+        return deaths.dead_engines(records, srv.spec.name, srv.started_wall)
+
+    async def _examine(
+        self, srv: _Server, code: int | None, dead: list[dict[str, Any]]
+    ) -> Crash | None:
+        """Diagnose the death of ``srv`` (crash incident, status); return the culprit."""
+        try:
+            crashes, folder = await deaths.examine(
+                srv.spec.name,
+                dead,
+                lambda: deaths.log_since(srv.proc.log_path, srv.log_offset),
+                srv.proc.pid,
+                code,
+                self.settings.dump_dir or self.run_dir / "dumps",
+                srv.proc.log_path,
+            )
+        except Exception:
+            _log.exception("watchdog_kv.internal_error", what="crash diagnosis")
+            return None
+        if not crashes:
+            return None
+        culprit = crashes[0]
+        srv.crashes.append(
+            {
+                "at": culprit.detected_wall,
+                "message": culprit.describe(),
+                "summary": culprit.summary(),
+                "incident": str(folder) if folder else None,
+            }
+        )
+        return culprit
 
     async def _respawn(self, srv: _Server) -> None:
         srv.state = "restarting"
@@ -482,43 +580,70 @@ class Supervisor:
 
     # -- watching ---------------------------------------------------------------------------
     async def watch(self, poll_s: float = 0.5) -> _Server:
-        """Restart servers that exit; return once no server able to answer is left.
+        """Restart servers that die; return once no server able to answer is left.
 
-        A server that exits on its own is restarted (:meth:`restart`). The service
-        goes on while any decode (or plain) server is ready or restarting -- the
-        router's recovery ladder routes around the missing one -- and this returns
-        the last serving server when every one of them has failed for good.
+        A server whose API server exits, or whose engine core or worker is gone,
+        is diagnosed and restarted (:meth:`restart`). The service goes on while
+        any decode (or plain) server is ready or restarting -- the router's
+        recovery ladder routes around the missing one -- and this returns the
+        last serving server when every one of them has failed for good.
         """
         while True:
-            for srv in self.servers.values():
+            ready = [s for s in self.servers.values() if s.state == "ready"]
+            records = procrecords.read_records(self.run_dir) if ready else []
+            for srv in ready:
                 if self._stopping or srv.state != "ready":
                     continue
                 code = srv.proc.poll()
-                if code is None:
-                    continue
-                srv.state, srv.exit_code = "exited", code
-                self._changed.set()
-                cause = f"exited with {_exit_cause(code)}"
-                _log.error(
-                    "server.exited",
-                    server=srv.spec.name,
-                    exit_code=code,
-                    cause=cause,
-                    last_lines=srv.proc.tail(10),
-                    action="restart" if not self.draining else "none (draining)",
-                )
-                self._detected(
-                    srv.spec.name,
-                    "watchdog.server_exited",
-                    "exit",
-                    "restart" if not self.draining else "none (draining)",
-                    exit_code=code,
-                )
-                self._schedule(srv.spec.name, self.restart(srv.spec.name, cause))
+                dead = self._dead_engines(srv, records)
+                if code is not None or dead:
+                    self._died(srv, code, dead)
             serving = [s for s in self.servers.values() if s.spec.role in SERVING_ROLES]
             if serving and all(s.state == "failed" for s in serving):
                 return serving[-1]
             await asyncio.sleep(poll_s)
+
+    def _died(self, srv: _Server, code: int | None, dead: list[dict[str, Any]]) -> None:
+        srv.state, srv.exit_code = "exited", code
+        self._changed.set()
+        action = "restart" if not self.draining else "none (draining)"
+        if code is not None:
+            what = f"exited with {_exit_cause(code)}"
+        else:
+            what = "its engine died (" + ", ".join(f"{r['role']} {r['pid']}" for r in dead) + ")"
+        _log.error(
+            "server.exited",
+            server=srv.spec.name,
+            exit_code=code,
+            dead=[int(r["pid"]) for r in dead],
+            cause=what,
+            last_lines=srv.proc.tail(10),
+            action=action,
+        )
+        self._detected(
+            srv.spec.name,
+            "watchdog.server_exited",
+            "crash" if dead else "exit",
+            action,
+            exit_code=code,
+        )
+        self._schedule(srv.spec.name, self._after_death(srv, code, dead, what))
+
+    async def _after_death(
+        self, srv: _Server, code: int | None, dead: list[dict[str, Any]], what: str
+    ) -> None:
+        """The crash incident first (a restart kills what is left), then a restart --
+        unless the server crashed the same way as the last time."""
+        crash = await self._examine(srv, code, dead)
+        cause = what
+        if crash is not None and crash.role != "api_server":
+            cause = f"engine died: {crash.describe()}"
+        if crash is None:
+            srv.last_crash = None
+        elif self._same_crash_again(srv, crash):
+            self._give_up_crashing(srv, crash, cause)
+            return
+        await self.restart(srv.spec.name, cause)
 
     async def stop(self) -> None:
         """Stop every server tree in parallel; SIGKILL what outlives the grace period."""
@@ -592,6 +717,7 @@ class Supervisor:
                     "restarts": s.restarts,
                     "restarts_in_a_row": s.streak,
                     "failure": s.failure,
+                    "crashes": s.crashes,
                 }
                 for name, s in self.servers.items()
             },
