@@ -28,7 +28,9 @@ from pathlib import Path
 
 import psutil
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
+from watchdog_kv import faults
 from watchdog_kv.supervisor.ports import free_port as free_port_on
 
 # Only look: importing vllm here would register watchdog_kv in the pytest process itself.
@@ -57,6 +59,40 @@ def wait_until(predicate, timeout_s: float, what: str, poll_s: float = 0.1, deta
             pytest.fail(f"{what}: not within {timeout_s:g} s{seen}")
         time.sleep(poll_s)
     return time.monotonic() - began
+
+
+@contextlib.contextmanager
+def held_in_flight(svc, *servers: str):
+    """Slow every model step of ``servers`` (the ``slow_step`` rehearsal fault, which the
+    service must be started with; the steps sleep, GIL released), so that a request sent
+    meanwhile is still being decoded when the test acts on it -- on a fast host too."""
+    for server in servers:
+        faults.arm(svc.run_dir, server, "slow_step")
+    try:
+        yield
+    finally:
+        for server in servers:
+            faults.disarm(svc.run_dir, server, "slow_step")
+
+
+def requests_running(url: str) -> float:
+    """vLLM's own gauge of the requests its engine is running (``/metrics``)."""
+    with urllib.request.urlopen(f"{url}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "vllm:num_requests_running"
+    )
+
+
+def wait_running(svc, server: str, timeout_s: float = 60) -> float:
+    """Seconds until ``server``'s engine is running a request (vLLM says so)."""
+    url = svc.status()["servers"][server]["url"]
+    return wait_until(
+        lambda: requests_running(url) >= 1, timeout_s, f"a request running on {server}"
+    )
 
 
 def kv_outcomes(svc, server: str) -> Counter:
@@ -217,7 +253,8 @@ def service(tmp_path_factory) -> Service:
     if not HAVE_VLLM:
         pytest.skip("vLLM CPU stack not installed: run `nox -s tests`, which installs it")
     # The stall faults only fire when a test arms them (faults.arm).
-    env = base_env(WATCHDOG_KV_FAULT="stall_step:20,stall_notif:20")
+    # slow_step holds a request in flight where a test needs one (held_in_flight)
+    env = base_env(WATCHDOG_KV_FAULT="stall_step:20,stall_notif:20,slow_step:0.02")
     svc = start_service(tmp_path_factory.mktemp("pd-run"), env)
     yield svc
     stop_service(svc)  # if the shutdown test did not run (e.g. -k)

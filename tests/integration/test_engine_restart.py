@@ -10,7 +10,15 @@ import time
 
 import pytest
 
-from .conftest import base_env, events, requires_vllm, start_service, stop_service
+from .conftest import (
+    base_env,
+    events,
+    held_in_flight,
+    requires_vllm,
+    start_service,
+    stop_service,
+    wait_running,
+)
 from .test_engine_stalls import (
     complete,
     new_stalls,
@@ -25,7 +33,11 @@ pytestmark = [pytest.mark.vllm, requires_vllm]
 
 @pytest.fixture(scope="module")
 def restarting(tmp_path_factory):
-    env = base_env(WATCHDOG_KV_STALL_ACTION="restart", WATCHDOG_KV_RESTART_LIMIT="1")
+    env = base_env(
+        WATCHDOG_KV_STALL_ACTION="restart",
+        WATCHDOG_KV_RESTART_LIMIT="1",
+        WATCHDOG_KV_FAULT="slow_step:0.02",  # holds the request in flight (held_in_flight)
+    )
     svc = start_service(tmp_path_factory.mktemp("restart-run"), env)
     yield svc
     if svc.proc.poll() is None:  # the test ends with the service gone (no decode left)
@@ -35,7 +47,8 @@ def restarting(tmp_path_factory):
 
 
 def stop_engine_mid_request(svc, prompt: str) -> tuple[int, dict]:
-    """SIGSTOP the decode engine core while it decodes; returns the request's answer."""
+    """SIGSTOP the decode engine core while it decodes (its steps slowed, so the request
+    is still decoding whatever the host's speed); returns the request's answer."""
     (engine,) = pids(svc, "decode-0", "engine_core")
     result: dict = {}
     thread = threading.Thread(
@@ -43,9 +56,10 @@ def stop_engine_mid_request(svc, prompt: str) -> tuple[int, dict]:
             answer=complete(svc.url, prompt, timeout=120, max_tokens=400, ignore_eos=True)
         )
     )
-    thread.start()
-    time.sleep(1.0)
-    os.kill(engine, signal.SIGSTOP)
+    with held_in_flight(svc, "decode-0"):
+        thread.start()
+        wait_running(svc, "decode-0")
+        os.kill(engine, signal.SIGSTOP)
     thread.join(timeout=60)
     assert not thread.is_alive(), "the request hung"
     code, body, _ = result["answer"]

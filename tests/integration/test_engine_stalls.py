@@ -33,10 +33,12 @@ from .conftest import (
     base_env,
     cli,
     events,
+    held_in_flight,
     http_json,
     requires_vllm,
     start_service,
     stop_service,
+    wait_running,
 )
 
 pytestmark = [pytest.mark.vllm, requires_vllm]
@@ -119,9 +121,10 @@ def wait_incident(svc, stall: dict, timeout: float = 60) -> Path:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for path in sorted(dumps.glob("*/incident.json")):
-            head = json.loads(path.read_text())["stall"]
+            head = json.loads(path.read_text()).get("stall")
             if (
-                head["server"] == stall["server"]
+                head is not None
+                and head["server"] == stall["server"]
                 and head["detected_wall"] >= stall["detected_wall"] - 1
             ):
                 return path.parent
@@ -225,11 +228,12 @@ def test_stopped_decode_engine_is_detected_and_its_request_failed_fast(service):
             service.url, prompt, timeout=120, max_tokens=400, ignore_eos=True
         )
 
-    thread = threading.Thread(target=long_request)
-    thread.start()
-    time.sleep(1.0)  # decoding by now (a warm hand-off takes well under a second)
-    stopped_at = time.time()
-    os.kill(engine, signal.SIGSTOP)
+    with held_in_flight(service, "decode-0"):  # 400 slow steps: decoding for 8 s at least
+        thread = threading.Thread(target=long_request)
+        thread.start()
+        wait_running(service, "decode-0")
+        stopped_at = time.time()
+        os.kill(engine, signal.SIGSTOP)
     try:
         thread.join(timeout=STEP_FLOOR_S + 20)
         assert not thread.is_alive(), "the request hung with its engine stopped"
