@@ -57,19 +57,36 @@ def test_a_second_server_left_on_auto_moves_off_the_first_ones_cores(tmp_path):
     def start(name: str) -> str:
         port = free_port()
         log = tmp_path / f"{name}.log"
-        argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
-                "--served-model-name", MODEL, "--enforce-eager", "--max-model-len", "512",
-                "--port", str(port)]
+        argv = [
+            sys.executable,
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            model,
+            "--served-model-name",
+            MODEL,
+            "--enforce-eager",
+            "--max-model-len",
+            "512",
+            "--port",
+            str(port),
+        ]
         with open(log, "wb") as out:
-            proc = subprocess.Popen(argv, env={**env, "WATCHDOG_KV_SERVER": name}, stdout=out,
-                                    stderr=subprocess.STDOUT, start_new_session=True)
+            proc = subprocess.Popen(
+                argv,
+                env={**env, "WATCHDOG_KV_SERVER": name},
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         procs.append(proc)
         wait_healthy(f"http://127.0.0.1:{port}/health", lambda: proc.poll() is not None, 420, log)
         return f"http://127.0.0.1:{port}"
 
     def record(server: str, role: str) -> dict:
         found = [
-            r for r in process.read_records(state)
+            r
+            for r in process.read_records(state)
             if r["server"] == server and r["role"] == role and r["alive"]
         ]
         assert len(found) == 1, found
@@ -85,13 +102,17 @@ def test_a_second_server_left_on_auto_moves_off_the_first_ones_cores(tmp_path):
         cores_two = {c for rank in two["cores"] for c in rank}
         assert cores_one and cores_two and not cores_one & cores_two
         # the kernel agrees: each worker's main thread runs on its own server's cores
-        wait_until(lambda: affinity(record("hand-1", "worker")["pid"]) <= cores_two, 10,
-                   "the second worker on its cores")
+        wait_until(
+            lambda: affinity(record("hand-1", "worker")["pid"]) <= cores_two,
+            10,
+            "the second worker on its cores",
+        )
         assert affinity(record("hand-0", "worker")["pid"]) <= cores_one
         assert "cpus.rebound" in (tmp_path / "hand-1.log").read_text()
         for url in (first, second):  # and both serve
-            code, body = http_json(f"{url}/v1/completions",
-                                   {"model": MODEL, "prompt": "Hi", "max_tokens": 4})
+            code, body = http_json(
+                f"{url}/v1/completions", {"model": MODEL, "prompt": "Hi", "max_tokens": 4}
+            )
             assert code == 200, body
     finally:
         for proc in procs:

@@ -454,3 +454,15 @@ def test_the_ladder_never_retries_a_dead_engine_and_waits_for_its_restart():
     asyncio.run(scenario())
     # each dead engine asked once; then decode-a's restarted self
     assert calls == ["decode-a", "decode-b", "decode-a"]
+
+
+def test_servers_without_the_plugin_log_their_crashes_through_faulthandler(tmp_path):
+    from watchdog_kv.supervisor.servers import ServerSpec
+
+    def env(enabled: bool, base: dict[str, str]) -> dict[str, str]:
+        spec = ServerSpec("d", "decode", Path("m"), "m", "h", 1, 2, plugin_enabled=enabled)
+        return spec.env(base, tmp_path)
+
+    assert env(False, {})["PYTHONFAULTHANDLER"] == "1"
+    assert "PYTHONFAULTHANDLER" not in env(True, {})  # the plugin keeps the record, after AMX
+    assert env(False, {"PYTHONFAULTHANDLER": "0"})["PYTHONFAULTHANDLER"] == "0"  # the operator's

@@ -201,6 +201,7 @@ class Supervisor:
                     kv_lease_s=opts.kv_lease_s,
                     otel=self.settings.otel,
                     vllm_traces=self.settings.vllm_traces,
+                    plugin_enabled=self.settings.enabled,
                 )
             )
         return specs
@@ -240,6 +241,7 @@ class Supervisor:
             kv_lease_s=None,
             otel=self.settings.otel,
             vllm_traces=self.settings.vllm_traces,
+            plugin_enabled=self.settings.enabled,
         )
 
     def _launcher(self, spec: ServerSpec) -> ServerProcess:

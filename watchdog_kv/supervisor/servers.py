@@ -11,6 +11,11 @@ On CPU each vLLM worker binds its OpenMP threads to cores, and by default every
 server binds to the same ones, so two servers on one machine spin against each
 other. The supervisor gives each server its own core(s) through
 ``VLLM_CPU_OMP_THREADS_BIND`` (again only where the operator did not set it).
+
+With the plugin disabled (``WATCHDOG_KV_ENABLED=0``) each server gets
+``PYTHONFAULTHANDLER=1``, so a native crash still leaves its frames, in the
+server's log. (With the plugin, it keeps the crash record itself, after asking
+for AMX permission: faulthandler's alternate signal stack must come second.)
 """
 
 from __future__ import annotations
@@ -55,6 +60,7 @@ class ServerSpec:
     kv_lease_s: float | None = None  # NIXL kv_lease_duration (vLLM's default when None)
     otel: OtelSettings = field(default_factory=OtelSettings)
     vllm_traces: bool = False  # also start vLLM's own tracing (--otlp-traces-endpoint)
+    plugin_enabled: bool = True  # False: no crash record of the plugin's; faulthandler logs
 
     @property
     def url(self) -> str:
@@ -105,6 +111,10 @@ class ServerSpec:
             env.setdefault(key, value)
         if self.cpu_bind is not None:
             env.setdefault("VLLM_CPU_OMP_THREADS_BIND", self.cpu_bind)
+        if not self.plugin_enabled:
+            # the plugin keeps no crash record then: faulthandler writes into the server's
+            # log instead, where the supervisor's crash diagnosis reads it
+            env.setdefault("PYTHONFAULTHANDLER", "1")
         env["VLLM_NIXL_SIDE_CHANNEL_HOST"] = self.host
         env["VLLM_NIXL_SIDE_CHANNEL_PORT"] = str(self.side_channel_port)
         env["WATCHDOG_KV_SERVER"] = self.name
