@@ -42,7 +42,6 @@ import json
 import os
 import resource
 import shutil
-import socket
 import subprocess
 import sys
 import sysconfig
@@ -254,6 +253,16 @@ def _amx(probe: dict[str, Any], plugin_enabled: bool) -> Finding:
     if without.ran:
         return Finding("amx", "ok", f"AMX ({', '.join(flags)}) runs without asking on this kernel")
     with_ask = amx.probe_tiles(ask=True)
+    if not without.sigill or not (with_ask.ran or with_ask.sigill or with_ask.exit_code == 3):
+        # the probe itself could not run here (no executable memory, a timeout...)
+        return Finding(
+            "amx",
+            "warn",
+            f"AMX ({', '.join(flags)}): could not probe the tile instructions "
+            f"(without asking: {without.exit_code} {without.output}; asking: "
+            f"{with_ask.exit_code} {with_ask.output}); the plugin asks for permission anyway",
+            "run watchdog-kv doctor again once the cause above is gone",
+        )
     if not with_ask.ran:
         return Finding(
             "amx",
@@ -265,7 +274,7 @@ def _amx(probe: dict[str, Any], plugin_enabled: bool) -> Finding:
         )
     crash = (
         "stock vLLM would crash: AMX instructions die of SIGILL without tile permission "
-        f"(proven: {'SIGILL' if without.sigill else without.output}) and vLLM picks its amx "
+        "(proven: SIGILL without asking, they run after asking) and vLLM picks its amx "
         "attention kernel for bf16 models"
         if picks_amx
         else "AMX instructions die of SIGILL without tile permission "
@@ -347,21 +356,21 @@ def _disk(state_dir: Path) -> Finding:
 
 
 def _ports(host: str, ports: Sequence[tuple[str, int]], required: bool) -> Finding:
+    from watchdog_kv.supervisor.ports import PortInUseError, check_free
+
     taken = []
     for what, port in ports:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                sock.bind((host, port))
-            except OSError as exc:
-                taken.append(f"{what} port {port} ({exc.strerror})")
+        try:
+            check_free(host, port, what)
+        except PortInUseError as exc:
+            taken.append(str(exc))
     listed = ", ".join(f"{what} {port}" for what, port in ports)
     if not taken:
-        return Finding("ports", "ok", f"free on {host}: {listed}")
+        return Finding("ports", "ok", f"free on {host}: {listed}" if ports else "none to bind")
     return Finding(
         "ports",
         "problem" if required else "warn",
-        "taken on " + host + ": " + ", ".join(taken),
+        "; ".join(taken),
         "choose other ports (--port, --prefill-port, --decode-port)",
     )
 

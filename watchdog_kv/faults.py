@@ -164,7 +164,8 @@ _ARMABLE = ("stall_step", "stall_notif", "crash_start", "crash_step", "slow_step
 
 
 def arm(state_dir: Path, server: str | None, kind: str) -> Path:
-    """Arm fault ``kind`` for ``server``: a stall fires once, a crash until disarmed."""
+    """Arm fault ``kind`` for ``server``: ``stall_*`` and ``crash_step`` fire once,
+    ``crash_start`` and ``slow_step`` act until :func:`disarm`."""
     if kind not in _ARMABLE:
         raise ValueError(f"{kind!r} is not an armable fault ({', '.join(_ARMABLE)})")
     path = _arm_path(state_dir, server, kind)

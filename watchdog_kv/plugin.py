@@ -172,12 +172,16 @@ def _ask_for_amx(reg: Registration) -> list[str]:
         if state.permitted:
             _log.info("host.amx_permission", action=state.action, detail=state.describe())
             return ["host.amx_permission"]
+        if state.kernel_supports is False:  # nothing to ask for: the tiles are off here
+            _log.info("host.amx_unavailable", detail=state.describe())
+            return []
         _log.error(
             "host.amx_permission_refused",
             detail=state.describe(),
             consequence="vLLM's AMX attention kernel will die of SIGILL in this process",
-            fix="start vLLM without PYTHONFAULTHANDLER or other code that installs a small "
-            "alternate signal stack before plugins load (see docs/host-problems.md)",
+            fix="see docs/host-problems.md (AMX): remove what installs a small alternate "
+            "signal stack in another thread before plugins load, or serve with "
+            "--dtype float32",
         )
     return []
 

@@ -33,7 +33,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ProcessIdentity", "detect", "read_records", "write_record"]
+__all__ = [
+    "ProcessIdentity",
+    "boot_id",
+    "detect",
+    "read_records",
+    "running",
+    "start_ticks",
+    "write_json",
+    "write_record",
+]
 
 _ENGINE = re.compile(r"^EngineCore(?:_DP(?P<rank>\d+))?$")
 _WORKER = re.compile(r"^VllmWorker-(?P<rank>\d+)$")
@@ -70,6 +79,49 @@ def detect() -> ProcessIdentity:
     return ProcessIdentity("other", None, name)
 
 
+_boot_id: str | None = None
+
+
+def boot_id() -> str | None:
+    """This host's boot id: a record made under another one is another host's (or an
+    earlier boot's), whose pids mean nothing here."""
+    global _boot_id
+    if _boot_id is None:
+        try:
+            _boot_id = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        except OSError:
+            return None
+    return _boot_id
+
+
+def _stat(pid: int) -> list[str] | None:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def start_ticks(pid: int) -> int | None:
+    """When ``pid`` started, in clock ticks since boot (``/proc/<pid>/stat`` field 22):
+    with the pid, it names one process, not whichever reuses the number later."""
+    fields = _stat(pid)
+    try:
+        return int(fields[19]) if fields else None
+    except (ValueError, IndexError):
+        return None
+
+
+def running(pid: int, ticks: int | None = None) -> bool:
+    """``pid`` is a live process (not a zombie) and, when ``ticks`` is given, the one
+    that started then."""
+    if pid <= 0:
+        return False
+    fields = _stat(pid)
+    if not fields or fields[0] in ("Z", "X"):
+        return False
+    return ticks is None or start_ticks(pid) == ticks
+
+
 @dataclass
 class StatusRecord:
     pid: int
@@ -87,16 +139,23 @@ class StatusRecord:
     amx: dict[str, Any] | None = None  # what was found and done about AMX (host.amx)
     crash_record: str | None = None  # where faulthandler writes if this process crashes
     cpus: dict[str, Any] | None = None  # an engine core's OpenMP binding (host.cpus)
+    boot_id: str | None = field(default_factory=boot_id)  # the host (and boot) of the pid
+    start_ticks: int | None = field(default_factory=lambda: start_ticks(os.getpid()))
+
+
+def write_json(path: Path, data: Any, indent: int | None = 1) -> Path:
+    """Write ``data`` as JSON to ``path`` atomically (a reader sees the old file or the new
+    one, never half of one)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=indent, default=str) + "\n")
+    os.replace(tmp, path)
+    return path
 
 
 def write_record(state_dir: Path, record: StatusRecord) -> Path:
     procs = state_dir / "procs"
     procs.mkdir(parents=True, exist_ok=True)
-    path = procs / f"{record.pid}.json"
-    tmp = procs / f".{record.pid}.json.tmp"
-    tmp.write_text(json.dumps(asdict(record), indent=1) + "\n")
-    os.replace(tmp, path)
-    return path
+    return write_json(procs / f"{record.pid}.json", asdict(record))
 
 
 def _alive(pid: int) -> bool:
@@ -120,6 +179,8 @@ def read_records(state_dir: Path) -> list[dict[str, Any]]:
             rec = json.loads(path.read_text())
         except (OSError, ValueError):
             continue  # a record being replaced, or a foreign file
-        rec["alive"] = _alive(int(rec.get("pid", -1)))
+        if not isinstance(rec, dict) or not isinstance(rec.get("pid"), int) or rec["pid"] <= 0:
+            continue  # not a record of ours
+        rec["alive"] = _alive(rec["pid"])
         out.append(rec)
     return out

@@ -21,7 +21,7 @@ from pathlib import Path
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from watchdog_kv import cli
+from watchdog_kv import cli, process
 from watchdog_kv.crash import incident, record
 from watchdog_kv.supervisor import deaths
 
@@ -76,8 +76,11 @@ def test_parse_reads_a_server_log_with_vllm_prefixes_and_the_last_dump():
           File "/usr/lib/python3.11/threading.py", line 320 in wait
 
         Current thread 0x00007f0000000001 (most recent call first):
+          File "/v/site-packages/torch/_ops.py", line 1267 in __call__
           File "/v/site-packages/vllm/_custom_ops.py", line 3061 in cpu_attention_with_kv_cache
           File "/v/site-packages/vllm/v1/attention/backends/cpu_attn.py", line 410 in forward
+          File "/v/site-packages/torch/nn/modules/module.py", line 1786 in _call_impl
+          File "/v/site-packages/vllm/model_executor/models/llama.py", line 250 in forward
 
         Extension modules: numpy (total: 1)
         INFO after
@@ -85,17 +88,28 @@ def test_parse_reads_a_server_log_with_vllm_prefixes_and_the_last_dump():
     )
     dump = record.parse(log)
     assert dump is not None and dump.signal == "SIGILL"
-    assert [f.label() for f in dump.current] == [
+    assert [f.label() for f in dump.current][:3] == [
+        "torch/_ops.py:__call__",
         "vllm/_custom_ops.py:cpu_attention_with_kv_cache",
         "vllm/v1/attention/backends/cpu_attn.py:forward",
     ]
     assert record.parse("no crash here\n") is None
+    # the culprit is the caller that named the native op, not torch's dispatch
+    (crash,) = incident.diagnose(
+        "decode-0", [worker_record(21)], lambda: log.splitlines(), wait_s=0
+    )
+    assert crash.summary() == "SIGILL in vllm/_custom_ops.py:cpu_attention_with_kv_cache"
+    assert crash.frames[:2] == [
+        "cpu_attention_with_kv_cache (vllm/_custom_ops.py:3061)",
+        "forward (vllm/v1/attention/backends/cpu_attn.py:410)",
+    ]
+    assert "AMX" in (incident.hint_for(crash) or "")
 
 
 def test_disable_removes_an_empty_record(tmp_path):
     code = textwrap.dedent(
         f"""
-        import faulthandler
+        import faulthandler, os
         from pathlib import Path
         from watchdog_kv.crash import record
         faulthandler.disable()
@@ -106,6 +120,13 @@ def test_disable_removes_an_empty_record(tmp_path):
         assert not path.exists() and not faulthandler.is_enabled()
         faulthandler.enable()
         assert record.enable(Path({str(tmp_path)!r})) is None  # the operator's stays
+        faulthandler.disable()
+        parent = record.enable(Path({str(tmp_path)!r}))
+        child = os.fork()
+        if child == 0:  # a forked child keeps a record of its own
+            mine = record.enable(Path({str(tmp_path)!r}))
+            os._exit(0 if mine != parent and mine.name == f"{{os.getpid()}}.log" else 1)
+        assert os.waitpid(child, 0)[1] == 0
         """
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
@@ -223,7 +244,7 @@ def test_incident_is_written_read_back_and_reported(tmp_path, capsys):
     crashes = incident.diagnose(
         "decode-0", [worker_record(int(path.stem), str(path))], lambda: [], wait_s=0
     )
-    crashes[0].frame = "vllm/_custom_ops.py:cpu_attention_with_kv_cache"  # as on an AMX host
+    crashes[0].frame = "vllm/_custom_ops.py:cpu_attention_with_kv_cache"  # as parsed above
     log = ["loading", "Fatal Python error: Illegal instruction", "nanobind: leaked"]
     folder = incident.write_incident(
         tmp_path / "dumps", crashes, incident.around_death(log), "/x/decode-0.log"
@@ -254,15 +275,22 @@ def test_dead_engines_are_those_of_this_incarnation_that_are_gone():
         older = dict(gone, registered_at=now - 100)
         other = dict(gone, server="decode-1")
         api = dict(gone, role="api_server")
-        reused = dict(worker_record(os.getpid()), registered_at=now - 3600)  # pid of another
-        found = deaths.dead_engines([live, gone, older, other, api, reused], "decode-0", now - 10)
-        assert found == [gone]
-        assert deaths.dead_engines([reused], "decode-0", now - 7200) == [reused]
+        ticks = process.start_ticks(os.getpid())
+        assert ticks is not None and process.start_ticks(sleeper.pid) is not None
+        live["start_ticks"] = process.start_ticks(sleeper.pid)
+        # this pid, but the record's process started earlier: the pid was reused
+        reused = dict(worker_record(os.getpid()), registered_at=now, start_ticks=ticks - 100)
+        # a record of another host: its pid means nothing here, it is not judged
+        elsewhere = dict(gone, boot_id="another-host")
+        found = deaths.dead_engines(
+            [live, gone, older, other, api, reused, elsewhere], "decode-0", now - 10
+        )
+        assert found == [gone, reused]
     finally:
         sleeper.kill()
         sleeper.wait()
     zombie = subprocess.Popen([sys.executable, "-c", "pass"])
-    time.sleep(0.5)  # exited, not reaped: a zombie
+    os.waitid(os.P_PID, zombie.pid, os.WEXITED | os.WNOWAIT)  # exited, not reaped: a zombie
     rec = dict(worker_record(zombie.pid), registered_at=time.time() - 5)
     assert deaths.dead_engines([rec], "decode-0", 0) == [rec]
     zombie.wait()
@@ -466,3 +494,91 @@ def test_servers_without_the_plugin_log_their_crashes_through_faulthandler(tmp_p
     assert env(False, {})["PYTHONFAULTHANDLER"] == "1"
     assert "PYTHONFAULTHANDLER" not in env(True, {})  # the plugin keeps the record, after AMX
     assert env(False, {"PYTHONFAULTHANDLER": "0"})["PYTHONFAULTHANDLER"] == "0"  # the operator's
+
+
+def test_a_restart_row_whose_attempts_crash_the_same_way_ends_failed(tmp_path):
+    """The real restart path: each start's worker dies at once with the same dump; the
+    second identical crash ends the row (not the restart limit)."""
+    from watchdog_kv import config
+    from watchdog_kv.supervisor.core import ServeOptions, Supervisor, _Server
+    from watchdog_kv.supervisor.servers import ServerSpec
+
+    dump = crash_a_process(tmp_path)
+    procs = tmp_path / "procs"
+    procs.mkdir()
+
+    class CrashingServer(FakeServer):
+        def start(self):  # the new incarnation registers, and its worker is already dead
+            super().start()
+            rec = worker_record(int(dump.stem), str(dump))
+            process.write_json(procs / f"{dump.stem}.json", rec)
+
+    settings = config.load(
+        {
+            "WATCHDOG_KV_STATE_DIR": str(tmp_path),
+            "WATCHDOG_KV_RESTART_LIMIT": "5",
+            "WATCHDOG_KV_RESTART_BACKOFF": "0.01",
+        }
+    )
+    sup = Supervisor(ServeOptions(Path("m"), "m", run_dir=tmp_path), settings)
+    spec = ServerSpec("decode-0", "decode", Path("m"), "m", "127.0.0.1", 1, 2)
+    (tmp_path / "decode-0.log").write_text("")
+    srv = _Server(spec, CrashingServer(spec, tmp_path / "decode-0.log"))
+    sup.servers["decode-0"] = srv
+
+    async def run() -> bool:
+        done = await sup.restart("decode-0", "exited with signal SIGKILL")
+        await asyncio.sleep(0.1)  # the stop scheduled by giving up
+        return done
+
+    assert asyncio.run(run()) is False
+    assert srv.proc.started == 2 and len(srv.restarts) == 2  # not the limit of 5
+    assert srv.state == "failed" and srv.failure is not None
+    assert srv.failure["reason"].startswith("crashed twice in a row the same way: SIGILL in")
+    assert [c["summary"] for c in srv.crashes] == ["SIGILL in <string>:forward"] * 2
+
+
+def test_a_death_during_a_stall_restart_is_still_handled_as_a_death(tmp_path):
+    """A stall restart is taking its evidence when the server's engine dies: the death's
+    own work is not scheduled (one restart at a time), so the stall restart hands over."""
+    from watchdog_kv import config
+    from watchdog_kv.step.monitor import Stall
+    from watchdog_kv.supervisor.core import ServeOptions, Supervisor, _Server
+    from watchdog_kv.supervisor.servers import ServerSpec
+
+    settings = config.load({"WATCHDOG_KV_STATE_DIR": str(tmp_path)})
+    sup = Supervisor(ServeOptions(Path("m"), "m", run_dir=tmp_path), settings)
+    spec = ServerSpec("decode-0", "decode", Path("m"), "m", "127.0.0.1", 1, 2)
+    (tmp_path / "decode-0.log").write_text("")
+    srv = _Server(spec, FakeServer(spec, tmp_path / "decode-0.log"))
+    srv.state = "ready"
+    sup.servers["decode-0"] = srv
+    stall = Stall(1, "worker", 0, "decode-0", "VllmWorker-0", "overdue", "step", "", 11, 10, 1, 1)
+    path = crash_a_process(tmp_path)
+    causes: list[str] = []
+
+    class Monitor:
+        def evidence(self, stall, timeout):
+            # meanwhile, the engine dies and the watch sees it
+            sup._died(srv, None, [worker_record(int(path.stem), str(path))])
+            return None
+
+        def current(self, server=None):
+            return []  # the dead process's stall is gone
+
+    async def restart(name: str, cause: str) -> bool:
+        causes.append(cause)
+        return True
+
+    sup.monitor = Monitor()  # type: ignore[assignment]
+    sup.restart = restart  # type: ignore[method-assign]
+
+    async def run() -> None:
+        sup._restarting.add("decode-0")  # the stall restart under way
+        await sup._restart_after(stall)
+
+    asyncio.run(run())
+    assert causes == [
+        f"engine died: decode-0 worker rank 0 (pid {path.stem}) died: SIGILL in <string>:forward"
+    ]
+    assert srv.crashes and srv.death is None

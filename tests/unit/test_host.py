@@ -11,14 +11,14 @@ from __future__ import annotations
 import errno
 import os
 import re
+import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from watchdog_kv import doctor
+from watchdog_kv import doctor, process
 from watchdog_kv.host import amx, cpus
 
 AMX_CPUINFO = "processor\t: 0\nflags\t\t: fpu sse avx512f amx_bf16 amx_tile amx_int8\n"
@@ -165,6 +165,24 @@ def test_rebind_keeps_free_cores_and_moves_ranks_off_held_ones():
     assert cpus.rebind([[0, 1], [2, 3]], set(range(8)), {0, 1, 2, 3}) == [[4, 5], [6, 7]]
     # every core held: nothing to do but warn
     assert cpus.rebind([[0, 1]], {0, 1}, {0, 1}) is None
+    # a free core that must be avoided (reserved by vLLM, or a held core's SMT sibling)
+    assert cpus.rebind([[0]], {0, 1, 2}, {0}, avoid={1}) == [[2]]
+    assert cpus.rebind([[0]], {0, 1}, {0}, avoid={1}) is None
+
+
+def test_siblings_are_read_from_the_topology():
+    assert 0 in cpus.siblings({0})
+    assert cpus._parse_list("0-2,5\n") == {0, 1, 2, 5}
+
+
+def test_a_claims_lock_held_too_long_is_given_up_on(tmp_path):
+    import fcntl
+
+    folder = _claims(tmp_path)
+    with open(folder / ".lock", "a") as holder:
+        fcntl.flock(holder, fcntl.LOCK_EX)  # another process's lock (flock is per open file)
+        with pytest.raises(cpus.ClaimsBusy), cpus._locked(folder, wait_s=0.2):
+            pass
 
 
 def _claims(tmp_path):
@@ -173,14 +191,14 @@ def _claims(tmp_path):
     return folder
 
 
-def test_claims_of_live_engines_are_compared_and_dead_ones_dropped(tmp_path):
+def test_claims_of_live_engines_are_compared_and_dead_ones_dropped(tmp_path, monkeypatch):
+    monkeypatch.setattr(cpus, "siblings", lambda cores: set(cores))  # as if no SMT here
     folder = _claims(tmp_path)
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        started = cpus._started(other.pid)
         first, shared, before = cpus.settle([[0]], False, "decode-0", folder, {0, 1}, pid=other.pid)
         assert shared == [] and before is None and first.source == "operator"
-        assert first.started == pytest.approx(started)
+        assert first.started == process.start_ticks(other.pid) is not None
         # an operator's binding onto the same core: kept, and the overlap named
         mine, shared, before = cpus.settle([[0]], False, "decode-1", folder, {0, 1})
         assert mine.cores == [[0]] and before is None
@@ -199,7 +217,9 @@ def test_claims_of_live_engines_are_compared_and_dead_ones_dropped(tmp_path):
 
 def test_a_reused_pid_is_not_the_engine_that_claimed(tmp_path):
     folder = _claims(tmp_path)
-    stale = cpus.Claim(os.getpid(), "old", [[0]], "operator", started=time.time() - 3600)
+    mine = process.start_ticks(os.getpid())
+    assert mine is not None
+    stale = cpus.Claim(os.getpid(), "old", [[0]], "operator", started=mine - 100)
     cpus._write(folder, stale)
     assert cpus.read_claims(folder) == []
 
@@ -273,6 +293,13 @@ def test_amx_row_says_fixed_when_the_plugin_asks_and_problem_when_it_is_off(monk
     probes[True] = amx.ProbeResult(True, 3, "AMX tile permission NOT granted: EPERM")
     refused = doctor._amx(isa, plugin_enabled=True)
     assert refused.status == "problem" and "--dtype=float32" in refused.fix
+    probes[True] = amx.ProbeResult(True, -4, "")  # asked, granted, and still SIGILL
+    assert doctor._amx(isa, plugin_enabled=True).status == "problem"
+    # the probe cannot run here (no executable memory, a timeout): not the host's problem
+    probes[False] = amx.ProbeResult(False, -11, "")
+    probes[True] = amx.ProbeResult(True, -11, "")
+    unknown = doctor._amx(isa, plugin_enabled=True)
+    assert unknown.status == "warn" and "could not probe" in unknown.detail
     probes[False] = amx.ProbeResult(False, 0, "tiles ran")
     assert doctor._amx(isa, plugin_enabled=False).status == "ok"
 
@@ -308,3 +335,30 @@ def test_serve_refuses_to_start_on_a_problem(monkeypatch, capsys, tmp_path):
     assert cli.main(["serve", "--port", "1"]) == 1
     err = capsys.readouterr().err
     assert "not starting" in err and "torchvision broken" in err and "doctor --fix" in err
+
+
+def test_the_larger_signal_stack_is_installed_and_outlives_who_made_it():
+    """The real sigaltstack path (any x86_64 Linux host): faulthandler's stack replaced by
+    a 256 KiB one that stays allocated, and a fatal signal is still dumped on it."""
+    if sys.platform != "linux" or os.uname().machine != "x86_64":
+        pytest.skip("x86_64 Linux only")
+    code = (
+        "import ctypes, faulthandler, gc, signal\n"
+        "from watchdog_kv.host import amx\n"
+        "faulthandler.enable()\n"
+        "kernel = amx.LinuxKernel()\n"
+        "print(kernel.enlarge_altstack(), flush=True)\n"
+        "del kernel; gc.collect()\n"
+        "class S(ctypes.Structure):\n"
+        "    _fields_ = [('sp', ctypes.c_void_p), ('flags', ctypes.c_int), "
+        "('size', ctypes.c_size_t)]\n"
+        "now = S()\n"
+        "assert ctypes.CDLL(None).sigaltstack(None, ctypes.byref(now)) == 0\n"
+        "assert now.size == amx._ALTSTACK_BYTES and len(amx._STACKS) == 1, now.size\n"
+        "assert now.sp == ctypes.addressof(amx._STACKS[0])\n"
+        "signal.raise_signal(signal.SIGILL)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == -signal.SIGILL, done.stderr
+    assert done.stdout.startswith("replaced the calling thread's ")
+    assert "Fatal Python error: Illegal instruction" in done.stderr

@@ -26,7 +26,6 @@ marks a rehearsal.
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import time
@@ -36,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from watchdog_kv.crash.record import CrashDump, Frame, parse
+from watchdog_kv.process import running, write_json
 
 __all__ = [
     "Crash",
@@ -50,6 +50,16 @@ __all__ = [
 
 _OWN_CODE = "/watchdog_kv/"
 _INJECTED = "/watchdog_kv/faults.py"
+# Frames that only pass a call on: torch's operator dispatch (the innermost Python frame
+# of every native op is OpOverloadPacket.__call__) and nn.Module's call. The culprit is
+# the caller that named the operation (vllm/_custom_ops.py:cpu_attention_with_kv_cache).
+_PASS_ON = (
+    "/torch/_ops.py",
+    "/torch/nn/modules/module.py",
+    "/torch/_library/",
+    "/torch/utils/_contextlib.py",
+    "/torch/_dynamo/",
+)
 _DEPTH = {"worker": 3, "engine_core": 2, "api_server": 1}
 _WORKER_DIED = re.compile(
     r"Worker proc (?P<name>\S+) died unexpectedly \(exit code: (?P<code>-?\d+)\)"
@@ -121,11 +131,17 @@ def _read(path: str | None) -> str:
         return ""
 
 
+def _passes_on(frame: Frame) -> bool:
+    name = frame.filename.replace("\\", "/")
+    return _OWN_CODE in name or any(part in name for part in _PASS_ON)
+
+
 def _culprit_frame(dump: CrashDump) -> tuple[Frame | None, list[Frame], bool]:
-    """(first frame outside our code, the frames from there out, injected by our faults)."""
+    """(the innermost frame that is neither ours nor a pass-on of torch's, the frames
+    from there out, injected by our faults)."""
     injected = any(_INJECTED in f.filename for f in dump.current[:3])
     for index, frame in enumerate(dump.current):
-        if _OWN_CODE not in frame.filename:
+        if not _passes_on(frame):
             return frame, dump.current[index:], injected
     return (dump.current[0] if dump.current else None), dump.current, injected
 
@@ -233,13 +249,7 @@ _DEATH_SIGNS = re.compile(
 
 
 def _pid_alive(pid: object) -> bool:
-    if not isinstance(pid, int):
-        return False
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    return isinstance(pid, int) and running(pid)
 
 
 # -- incidents on disk ---------------------------------------------------------------------
@@ -251,7 +261,8 @@ def write_incident(
     """Write one crash incident (the culprit first in ``crashes``); return its folder."""
     culprit = crashes[0]
     stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(culprit.detected_wall))
-    label = f"{culprit.server or 'server'}-crash-{culprit.role}{culprit.rank or ''}"
+    rank = "" if culprit.rank is None else culprit.rank
+    label = f"{culprit.server or 'server'}-crash-{culprit.role}{rank}"
     folder = dump_root / f"{stamp}-{label}-{culprit.pid}"
     folder.mkdir(parents=True, exist_ok=True)
     data = {
@@ -263,9 +274,7 @@ def write_incident(
         "hint": hint_for(culprit),
         "written_wall": time.time(),
     }
-    tmp = folder / ".incident.json.tmp"
-    tmp.write_text(json.dumps(data, indent=1, default=str) + "\n")
-    os.replace(tmp, folder / "incident.json")
+    write_json(folder / "incident.json", data)
     return folder
 
 
@@ -285,7 +294,7 @@ def hint_for(crash: Crash) -> str | None:
     if crash.injected:
         return "a rehearsal: the crash was injected by watchdog_kv's fault injection"
     for sig, piece, text in _HINTS:
-        if crash.signal == sig and piece in (crash.frame or ""):
+        if crash.signal == sig and any(piece in f for f in [crash.frame or "", *crash.frames]):
             return text
     return None
 

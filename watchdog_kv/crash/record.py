@@ -12,7 +12,8 @@ The plugin enables the record after it has asked for AMX permission
 (:mod:`watchdog_kv.host.amx`): faulthandler installs an alternate signal stack,
 and a too-small one makes the kernel refuse that permission. A faulthandler
 the operator already turned on (``PYTHONFAULTHANDLER``, writing to the server's
-log) is left as it is; :func:`parse` reads the same text from a log.
+log) is left as it is; :func:`parse` reads the same text from a log. A forked
+child gets a record of its own (the one it inherited is its parent's).
 
 :func:`parse` turns the dump back into data: the signal, and each thread's
 frames innermost first.
@@ -66,12 +67,18 @@ def enable(state_dir: Path) -> Path | None:
         pid = os.getpid()
         if pid in _open:
             return _open[pid][0]
-        if faulthandler.is_enabled():
+        inherited = bool(_open)  # a forked child: the parent's record is not its own
+        if faulthandler.is_enabled() and not inherited:
             return None
         path = record_path(state_dir, pid)
         path.parent.mkdir(parents=True, exist_ok=True)
         fh = open(path, "w")  # noqa: SIM115 - faulthandler writes to it until the process ends
-        faulthandler.enable(file=fh, all_threads=True)
+        try:
+            faulthandler.enable(file=fh, all_threads=True)
+        except BaseException:
+            fh.close()
+            raise
+        _open.clear()  # what a fork brought along belongs to the parent
         _open[pid] = (path, fh)
         return path
 

@@ -54,6 +54,9 @@ _SYS_ARCH_PRCTL = 158  # x86_64
 # Larger than any signal frame with every x86 state component (about 11 KiB with AMX).
 _ALTSTACK_BYTES = 256 * 1024
 _SS_DISABLE = 2
+# The signal stacks installed by enlarge_altstack: a thread's stack must outlive any
+# object that made it, so they are kept here for as long as the process runs.
+_STACKS: list[Any] = []
 
 
 def amx_flags(cpuinfo: str | None = None) -> tuple[str, ...]:
@@ -92,7 +95,6 @@ class LinuxKernel:
     def __init__(self) -> None:
         self._libc = ctypes.CDLL(None, use_errno=True)
         self._libc.syscall.restype = ctypes.c_long
-        self._stacks: list[Any] = []  # kept alive for as long as the process runs
 
     def _get(self, code: int) -> int | None:
         mask = ctypes.c_ulong(0)
@@ -132,7 +134,7 @@ class LinuxKernel:
         new = StackT(ctypes.cast(buf, ctypes.c_void_p), 0, _ALTSTACK_BYTES)
         if self._libc.sigaltstack(ctypes.byref(new), None) != 0:
             return f"sigaltstack failed: {os.strerror(ctypes.get_errno())}"
-        self._stacks.append(buf)
+        _STACKS.append(buf)
         return f"replaced the calling thread's {old.ss_size}-byte signal stack"
 
 

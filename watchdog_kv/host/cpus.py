@@ -37,9 +37,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import psutil
 import wrapt
 
+from watchdog_kv import process
 from watchdog_kv.guard import contained
 from watchdog_kv.patching import ClassPatches
 from watchdog_kv.telemetry import get_logger
@@ -88,7 +88,7 @@ class Claim:
     server: str | None
     cores: list[list[int]]
     source: str  # operator | vllm_auto | watchdog_kv
-    started: float = 0.0  # the engine core's process start time (a reused pid is not it)
+    started: int | None = None  # the engine core's start, in ticks (a reused pid is not it)
     claimed_wall: float = field(default_factory=time.time)
 
     def held(self) -> set[int]:
@@ -102,21 +102,8 @@ class Claim:
         return f"{self.server or 'a vLLM server'} (engine core pid {self.pid})"
 
 
-def _started(pid: int) -> float:
-    try:
-        return float(psutil.Process(pid).create_time())
-    except psutil.Error:
-        return 0.0
-
-
 def _live(claim: Claim) -> bool:
-    try:
-        proc = psutil.Process(claim.pid)
-        return bool(
-            proc.status() != psutil.STATUS_ZOMBIE and abs(proc.create_time() - claim.started) < 1
-        )
-    except psutil.Error:
-        return False
+    return process.running(claim.pid, claim.started)
 
 
 def read_claims(folder: Path | None = None) -> list[Claim]:
@@ -142,11 +129,33 @@ def overlaps(mine: Claim, others: list[Claim]) -> list[tuple[Claim, set[int]]]:
     return [(o, held & o.held()) for o in others if o.pid != mine.pid and held & o.held()]
 
 
-def rebind(lists: list[list[int]], allowed: set[int], held: set[int]) -> list[list[int]] | None:
+def siblings(cores: set[int]) -> set[int]:
+    """``cores`` and their SMT siblings (the other logical CPUs of the same physical
+    cores): a sibling of a busy core is no free core."""
+    out = set(cores)
+    for core in cores:
+        path = Path(f"/sys/devices/system/cpu/cpu{core}/topology/thread_siblings_list")
+        with contextlib.suppress(OSError, ValueError):
+            out |= _parse_list(path.read_text())
+    return out
+
+
+def _parse_list(text: str) -> set[int]:
+    out: set[int] = set()
+    for part in filter(None, text.strip().split(",")):
+        lo, _, hi = part.partition("-")
+        out.update(range(int(lo), int(hi or lo) + 1))
+    return out
+
+
+def rebind(
+    lists: list[list[int]], allowed: set[int], held: set[int], avoid: set[int] | None = None
+) -> list[list[int]] | None:
     """Per-rank core lists like ``lists`` that avoid the ``held`` cores, using only
-    ``allowed`` ones; None when that cannot be done (every free core is taken)."""
+    ``allowed`` ones and none of ``avoid`` (vLLM's reserved cores, siblings of held ones);
+    None when that cannot be done (every free core is taken)."""
     ours = {c for rank in lists for c in rank}
-    pool = sorted(allowed - held - ours)
+    pool = sorted(allowed - held - ours - (avoid or set()))
     needy = [i for i, rank in enumerate(lists) if not set(rank) - held]
     out = []
     for i, rank in enumerate(lists):
@@ -161,10 +170,25 @@ def rebind(lists: list[list[int]], allowed: set[int], held: set[int]) -> list[li
     return out
 
 
+LOCK_WAIT_S = 5.0  # a holder that is stopped or wedged must not hold up vLLM's start
+
+
+class ClaimsBusy(RuntimeError):
+    """The claims lock was not free within :data:`LOCK_WAIT_S`."""
+
+
 @contextlib.contextmanager
-def _locked(folder: Path) -> Iterator[None]:
+def _locked(folder: Path, wait_s: float = LOCK_WAIT_S) -> Iterator[None]:
     with open(folder / ".lock", "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise ClaimsBusy(f"{folder / '.lock'} held for over {wait_s:g} s") from None
+                time.sleep(0.05)
         try:
             yield
         finally:
@@ -172,11 +196,7 @@ def _locked(folder: Path) -> Iterator[None]:
 
 
 def _write(folder: Path, claim: Claim) -> Path:
-    path = folder / f"{claim.pid}.json"
-    tmp = folder / f".{claim.pid}.json.tmp"
-    tmp.write_text(json.dumps(asdict(claim)) + "\n")
-    os.replace(tmp, path)
-    return path
+    return process.write_json(folder / f"{claim.pid}.json", asdict(claim), indent=None)
 
 
 def settle(
@@ -186,9 +206,11 @@ def settle(
     folder: Path,
     allowed: set[int],
     pid: int | None = None,
+    reserved: set[int] | None = None,
 ) -> tuple[Claim, list[tuple[Claim, set[int]]], list[list[int]] | None]:
     """Claim cores for an engine about to start its workers: (the claim, the overlaps
-    left, the old lists when they were changed)."""
+    left, the old lists when they were changed). ``reserved``: the cores vLLM keeps
+    for this engine's other threads, never given to a worker."""
     pid = os.getpid() if pid is None else pid
     with _locked(folder):
         others = [c for c in read_claims(folder) if c.pid != pid]
@@ -196,10 +218,10 @@ def settle(
         before = None
         source = "vllm_auto" if auto else "operator"
         if auto and held & {c for rank in lists for c in rank}:
-            moved = rebind(lists, allowed, held)
+            moved = rebind(lists, allowed, held, siblings(held) | (reserved or set()))
             if moved is not None:
                 before, lists, source = lists, moved, "watchdog_kv"
-        claim = Claim(pid, server, [list(r) for r in lists], source, _started(pid))
+        claim = Claim(pid, server, [list(r) for r in lists], source, process.start_ticks(pid))
         _write(folder, claim)
     return claim, overlaps(claim, others), before
 
@@ -266,9 +288,19 @@ def _claim_for(manager: Any) -> None:
         _log.warning("cpus.claims_skipped", folder=str(folder), reason="not a private directory")
         return
     lists = [list(map(int, rank)) for rank in manager.cpu_lists]
-    claim, shared, before = settle(
-        lists, bool(manager.auto_setup), _server, folder, set(os.sched_getaffinity(0))
-    )
+    reserved = {int(c) for c in getattr(manager, "reserved_cpu_list", None) or []}
+    try:
+        claim, shared, before = settle(
+            lists,
+            bool(manager.auto_setup),
+            _server,
+            folder,
+            set(os.sched_getaffinity(0)),
+            reserved=reserved,
+        )
+    except ClaimsBusy as exc:
+        _log.warning("cpus.claims_skipped", folder=str(folder), reason=str(exc))
+        return
     if before is not None:
         manager.cpu_lists = claim.cores
         _log.warning(

@@ -32,6 +32,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from watchdog_kv.process import write_json
 from watchdog_kv.step.beacon import beacon_path, read_beacon
 
 __all__ = ["collect_incident", "dump_stacks", "process_state", "py_spy_path"]
@@ -129,6 +130,4 @@ def collect_incident(
 
 
 def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=str) + "\n")
-    tmp.replace(path)
+    write_json(path, data)

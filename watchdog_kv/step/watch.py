@@ -176,7 +176,8 @@ class StepWatch:
         """Fire the armed faults of a model step (rehearsals only; a no-op unless configured)."""
         plan = self.settings.fault
         if plan.active:
-            faults.rehearse_step(plan, self.settings.state_dir, self.settings.server)
+            with contained("step.rehearse"):  # a fault of the rehearsal's own stays ours
+                faults.rehearse_step(plan, self.settings.state_dir, self.settings.server)
 
     def record(self, event: dict[str, Any]) -> None:
         """Flight recorder sink for this process's log events."""

@@ -142,6 +142,7 @@ class _Server:
     started_wall: float = 0.0  # time.time() at the last start: its processes register after
     log_offset: int = 0  # the log's size at the last start: what came after is this run's
     last_crash: Crash | None = None  # the previous death, for the same-crash rule
+    death: tuple[int | None, list[dict[str, Any]], str] | None = None  # the last, unhandled
     crashes: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -156,6 +157,7 @@ class Supervisor:
         self.monitor: Monitor | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._restarting: set[str] = set()
+        self._background: set[asyncio.Future[Any]] = set()
         self._changed = asyncio.Event()
         self._up = False  # start-up done: every server was ready once
         # the router's requests on a server, told of what happens to it (set by the service)
@@ -386,8 +388,14 @@ class Supervisor:
         task.add_done_callback(lambda _: self._restarting.discard(name))
 
     async def _restart_after(self, stall: Stall) -> None:
+        srv = self.servers[str(stall.server)]
         if self.monitor is not None:  # the evidence first: a restart destroys it
             await asyncio.to_thread(self.monitor.evidence, stall, 60.0)
+            if srv.state == "exited" and srv.death is not None:
+                # it died while the evidence was taken (its death's own handling was not
+                # scheduled, this restart being under way): handle it as a death
+                await self._after_death(srv, *srv.death)
+                return
             if stall.key not in {s.key for s in self.monitor.current(stall.server)}:
                 # it moved again while the evidence was taken: a slow step, not a wedge
                 _log.warning(
@@ -397,6 +405,7 @@ class Supervisor:
                     stall=stall.describe(),
                 )
                 return
+        srv.last_crash = None  # a stall between two crashes: they are not in a row
         await self.restart(str(stall.server), f"stall: {stall.describe()}")
 
     async def restart(self, name: str, cause: str) -> bool:
@@ -499,7 +508,14 @@ class Supervisor:
         return True
 
     def _give_up(self, srv: _Server, cause: str, reason: str | None = None) -> None:
+        """Mark ``srv`` failed for good and stop what is left of it (an API server whose
+        engine died keeps its port and memory until told otherwise)."""
         srv.state = "failed"
+        with contextlib.suppress(RuntimeError):  # no running loop: nothing to stop from
+            asyncio.get_running_loop()
+            task = asyncio.ensure_future(asyncio.to_thread(srv.proc.stop, 0.5))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
         srv.failure = {
             "reason": reason
             or f"restart limit reached: {srv.streak} restarts in a row "
@@ -591,19 +607,25 @@ class Supervisor:
         last serving server when every one of them has failed for good.
         """
         while True:
-            ready = [s for s in self.servers.values() if s.state == "ready"]
-            records = procrecords.read_records(self.run_dir) if ready else []
-            for srv in ready:
-                if self._stopping or srv.state != "ready":
-                    continue
-                code = srv.proc.poll()
-                dead = self._dead_engines(srv, records)
-                if code is not None or dead:
-                    self._died(srv, code, dead)
+            try:
+                self._check_deaths()
+            except Exception:  # a fault of ours must not end the watch (and the service)
+                _log.exception("watchdog_kv.internal_error", what="watch")
             serving = [s for s in self.servers.values() if s.spec.role in SERVING_ROLES]
             if serving and all(s.state == "failed" for s in serving):
                 return serving[-1]
             await asyncio.sleep(poll_s)
+
+    def _check_deaths(self) -> None:
+        ready = [s for s in self.servers.values() if s.state == "ready"]
+        records = procrecords.read_records(self.run_dir) if ready else []
+        for srv in ready:
+            if self._stopping or srv.state != "ready":
+                continue
+            code = srv.proc.poll()
+            dead = self._dead_engines(srv, records)
+            if code is not None or dead:
+                self._died(srv, code, dead)
 
     def _died(self, srv: _Server, code: int | None, dead: list[dict[str, Any]]) -> None:
         srv.state, srv.exit_code = "exited", code
@@ -629,6 +651,7 @@ class Supervisor:
             action,
             exit_code=code,
         )
+        srv.death = (code, dead, what)
         self._schedule(srv.spec.name, self._after_death(srv, code, dead, what))
 
     async def _after_death(
@@ -636,6 +659,9 @@ class Supervisor:
     ) -> None:
         """The crash incident first (a restart kills what is left), then a restart --
         unless the server crashed the same way as the last time."""
+        srv.death = None
+        if srv.ready_since is not None and time.monotonic() - srv.ready_since >= STABLE_S:
+            srv.last_crash = None  # stable since the last one: not a crash loop
         crash = await self._examine(srv, code, dead)
         cause = what
         if crash is not None and crash.role != "api_server":

@@ -6,7 +6,8 @@ moment after its engine died, answering 500 ("EngineCore encountered an
 issue") and 503 on ``/health``, and that moment must not be spent sending it
 requests. The engine processes are known from the status records the plugin
 writes (``role``, ``server``, ``registered_at``); a zombie, or a pid reused by a
-newer process, counts as gone.
+newer process (told by its start time), counts as gone; a record made on
+another host (another boot id) is not judged here.
 
 :func:`examine` names the culprit (:func:`watchdog_kv.crash.incident.diagnose`)
 and writes a crash incident when the death has a signal or took an engine;
@@ -24,8 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import psutil
-
+from watchdog_kv import process
 from watchdog_kv.crash.incident import Crash, around_death, diagnose, write_incident
 from watchdog_kv.telemetry import get_logger
 
@@ -38,18 +38,13 @@ _LOG_WINDOW = 4 * 1024 * 1024  # the most of a log read for a diagnosis
 
 
 def _gone(rec: dict[str, Any]) -> bool:
-    """The recorded process has exited (a zombie has; a reused pid is someone else)."""
-    if not rec.get("alive", True):
-        return True
-    try:
-        proc = psutil.Process(int(rec["pid"]))
-        if proc.status() == psutil.STATUS_ZOMBIE:
-            return True
-        return bool(proc.create_time() > float(rec.get("registered_at", 0.0)) + 1.0)
-    except (psutil.NoSuchProcess, psutil.ZombieProcess):
-        return True
-    except (psutil.Error, ValueError, KeyError):
+    """The recorded process has exited (a zombie has; a reused pid is someone else). A
+    record of another host (or boot) cannot be judged from here: not gone."""
+    mine = process.boot_id()
+    if rec.get("boot_id") and mine and rec["boot_id"] != mine:
         return False
+    ticks = rec.get("start_ticks")
+    return not process.running(int(rec["pid"]), ticks if isinstance(ticks, int) else None)
 
 
 def dead_engines(
@@ -62,7 +57,8 @@ def dead_engines(
         for r in records
         if r.get("server") == server
         and r.get("role") in ENGINE_ROLES
-        and float(r.get("registered_at", 0.0)) >= since_wall
+        and isinstance(r.get("registered_at"), (int, float))
+        and r["registered_at"] >= since_wall
         and _gone(r)
     ]
 

@@ -96,8 +96,10 @@ class ManagedProcess:
         """Stop the whole tree; return the pids that had to be SIGKILLed."""
         if self._popen is None:
             return []
-        # session leader: its pid is the group id, and ours until we reap it
-        killed = stop_processes(self._popen.pid, self.tree(), grace, group_is_ours=True)
+        # session leader: its pid is the group id, and ours until we reap it (once reaped,
+        # the group is signalled only while a process of the tree is still in it)
+        ours = self._popen.returncode is None
+        killed = stop_processes(self._popen.pid, self.tree(), grace, group_is_ours=ours)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self._popen.wait(timeout=5)
         return killed
