@@ -143,6 +143,52 @@ def wait_healthy(url: str, exited: Callable[[], bool], timeout_s: float, log: Pa
         time.sleep(1)
 
 
+def embedded_model() -> str:
+    """The embedded tiny model's directory (built on first use)."""
+    done = subprocess.run(cli("model", "build"), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.split()[-1]
+
+
+@contextlib.contextmanager
+def vllm_server(log: Path, env: dict[str, str], *args: str):
+    """One stock vLLM OpenAI server started by hand (no supervisor) on the embedded model,
+    healthy; yields ``(url, process)``; stops its whole process group afterwards."""
+    port = free_port()
+    argv = [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        embedded_model(),
+        "--served-model-name",
+        "watchdog-kv-tiny",
+        "--enforce-eager",
+        "--max-model-len",
+        "512",
+        "--port",
+        str(port),
+        *args,
+    ]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            argv, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_healthy(f"{url}/health", lambda: proc.poll() is not None, STARTUP_DEADLINE_S, log)
+        yield url, proc
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+
+
 def base_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("WATCHDOG_KV_")}
     if "WATCHDOG_KV_CACHE_DIR" in os.environ:  # reuse a model built by the caller

@@ -23,10 +23,6 @@ without AMX says nothing about this crash.
 from __future__ import annotations
 
 import contextlib
-import os
-import signal
-import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -37,13 +33,11 @@ from watchdog_kv.host import amx
 
 from .conftest import (
     base_env,
-    cli,
-    free_port,
     http_json,
     requires_vllm,
     start_service,
     stop_service,
-    wait_healthy,
+    vllm_server,
 )
 
 MODEL = "watchdog-kv-tiny"
@@ -82,55 +76,18 @@ pytestmark = [
 ]
 
 
-@pytest.fixture(scope="module")
-def model_path() -> str:
-    done = subprocess.run(
-        cli("model", "build"), capture_output=True, text=True, timeout=300, check=True
-    )
-    return done.stdout.strip().splitlines()[-1]
-
-
 @contextlib.contextmanager
-def stock_server(model: str, tmp: Path, plugin: bool):
-    """One plain vLLM OpenAI server (bf16, so the AMX kernel is chosen); yields its url."""
-    port = free_port()
+def stock_server(tmp: Path, plugin: bool):
+    """One plain vLLM OpenAI server (bf16, so the AMX kernel is chosen); yields its url
+    and log."""
     log = tmp / f"vllm-{'plugin' if plugin else 'stock'}.log"
     env = base_env(
         WATCHDOG_KV_ENABLED="1" if plugin else "0",
         WATCHDOG_KV_STATE_DIR=str(tmp / "state"),
         VLLM_CPU_KVCACHE_SPACE="1",
     )
-    argv = [
-        sys.executable,
-        "-m",
-        "vllm.entrypoints.openai.api_server",
-        "--model",
-        model,
-        "--served-model-name",
-        MODEL,
-        "--dtype",
-        "bfloat16",
-        "--enforce-eager",
-        "--max-model-len",
-        "512",
-        "--port",
-        str(port),
-    ]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            argv, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    try:
-        wait_healthy(f"http://127.0.0.1:{port}/health", lambda: proc.poll() is not None, 420, log)
-        yield f"http://127.0.0.1:{port}", log, proc
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
+    with vllm_server(log, env, "--dtype", "bfloat16") as (url, _):
+        yield url, log
 
 
 def one_token_prompt(url: str) -> tuple[int, dict]:
@@ -141,10 +98,10 @@ def one_token_prompt(url: str) -> tuple[int, dict]:
         return 0, {"error": str(exc)}
 
 
-def test_stock_vllm_dies_of_sigill_on_a_one_token_first_prompt(model_path, tmp_path):
+def test_stock_vllm_dies_of_sigill_on_a_one_token_first_prompt(tmp_path):
     """The control: without the plugin, the crash happens here (so the tests below,
     which expect none, would fail without the fix)."""
-    with stock_server(model_path, tmp_path, plugin=False) as (url, log, _):
+    with stock_server(tmp_path, plugin=False) as (url, log):
         code, body = one_token_prompt(url)
         deadline = time.monotonic() + 30
         while "died unexpectedly (exit code: -4)" not in log.read_text(errors="replace"):
@@ -156,8 +113,8 @@ def test_stock_vllm_dies_of_sigill_on_a_one_token_first_prompt(model_path, tmp_p
         assert code != 200, body
 
 
-def test_the_plugin_asks_for_amx_permission_and_the_first_prompt_is_answered(model_path, tmp_path):
-    with stock_server(model_path, tmp_path, plugin=True) as (url, log, _):
+def test_the_plugin_asks_for_amx_permission_and_the_first_prompt_is_answered(tmp_path):
+    with stock_server(tmp_path, plugin=True) as (url, log):
         code, body = one_token_prompt(url)
         assert code == 200, (body, log.read_text(errors="replace")[-3000:])
         assert "died unexpectedly" not in log.read_text(errors="replace")

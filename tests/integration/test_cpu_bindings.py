@@ -13,16 +13,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from watchdog_kv import process
 
-from .conftest import base_env, cli, free_port, http_json, requires_vllm, wait_healthy, wait_until
+from .conftest import base_env, http_json, requires_vllm, vllm_server, wait_until
 
 pytestmark = [pytest.mark.vllm, requires_vllm]
 MODEL = "watchdog-kv-tiny"
@@ -42,9 +39,6 @@ def affinity(pid: int) -> set[int]:
 def test_a_second_server_left_on_auto_moves_off_the_first_ones_cores(tmp_path):
     if len(os.sched_getaffinity(0)) < 2:
         pytest.skip("one core: there is no other core to move to")
-    model = subprocess.run(
-        cli("model", "build"), capture_output=True, text=True, timeout=300, check=True
-    ).stdout.split()[-1]
     state = tmp_path / "state"
     env = base_env(
         XDG_RUNTIME_DIR=str(tmp_path / "runtime"),  # the host-wide claims, for this test only
@@ -52,36 +46,6 @@ def test_a_second_server_left_on_auto_moves_off_the_first_ones_cores(tmp_path):
         VLLM_CPU_KVCACHE_SPACE="1",
     )
     env.pop("VLLM_CPU_OMP_THREADS_BIND", None)
-    procs: list[subprocess.Popen] = []
-
-    def start(name: str) -> str:
-        port = free_port()
-        log = tmp_path / f"{name}.log"
-        argv = [
-            sys.executable,
-            "-m",
-            "vllm.entrypoints.openai.api_server",
-            "--model",
-            model,
-            "--served-model-name",
-            MODEL,
-            "--enforce-eager",
-            "--max-model-len",
-            "512",
-            "--port",
-            str(port),
-        ]
-        with open(log, "wb") as out:
-            proc = subprocess.Popen(
-                argv,
-                env={**env, "WATCHDOG_KV_SERVER": name},
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        procs.append(proc)
-        wait_healthy(f"http://127.0.0.1:{port}/health", lambda: proc.poll() is not None, 420, log)
-        return f"http://127.0.0.1:{port}"
 
     def record(server: str, role: str) -> dict:
         found = [
@@ -92,9 +56,13 @@ def test_a_second_server_left_on_auto_moves_off_the_first_ones_cores(tmp_path):
         assert len(found) == 1, found
         return found[0]
 
-    try:
-        first = start("hand-0")
-        second = start("hand-1")
+    with contextlib.ExitStack() as servers:
+        urls = [  # one after the other: the second sees the first's claim
+            servers.enter_context(
+                vllm_server(tmp_path / f"{name}.log", {**env, "WATCHDOG_KV_SERVER": name})
+            )[0]
+            for name in ("hand-0", "hand-1")
+        ]
         one, two = record("hand-0", "engine_core")["cpus"], record("hand-1", "engine_core")["cpus"]
         assert one["source"] == "vllm_auto" and one["overlaps"] == {}, one
         assert two["source"] == "watchdog_kv" and two["overlaps"] == {}, two
@@ -109,18 +77,8 @@ def test_a_second_server_left_on_auto_moves_off_the_first_ones_cores(tmp_path):
         )
         assert affinity(record("hand-0", "worker")["pid"]) <= cores_one
         assert "cpus.rebound" in (tmp_path / "hand-1.log").read_text()
-        for url in (first, second):  # and both serve
+        for url in urls:  # and both serve
             code, body = http_json(
                 f"{url}/v1/completions", {"model": MODEL, "prompt": "Hi", "max_tokens": 4}
             )
             assert code == 200, body
-    finally:
-        for proc in procs:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)

@@ -582,3 +582,36 @@ def test_a_death_during_a_stall_restart_is_still_handled_as_a_death(tmp_path):
         f"engine died: decode-0 worker rank 0 (pid {path.stem}) died: SIGILL in <string>:forward"
     ]
     assert srv.crashes and srv.death is None
+
+
+def test_a_group_killed_at_once_is_named_by_its_api_servers_signal(tmp_path):
+    """kill -9 of a whole server: its engine processes can be seen gone a moment before
+    its API server; the cause is the API server's SIGKILL, not an unknown engine death."""
+    from watchdog_kv import config
+    from watchdog_kv.supervisor.core import ServeOptions, Supervisor, _Server
+    from watchdog_kv.supervisor.servers import ServerSpec
+
+    class DyingServer(FakeServer):
+        polls = 0
+
+        def poll(self):
+            self.polls += 1
+            return None if self.polls < 3 else -9
+
+    settings = config.load({"WATCHDOG_KV_STATE_DIR": str(tmp_path)})
+    sup = Supervisor(ServeOptions(Path("m"), "m", run_dir=tmp_path), settings)
+    spec = ServerSpec("prefill-0", "prefill", Path("m"), "m", "127.0.0.1", 1, 2)
+    (tmp_path / "prefill-0.log").write_text("")
+    srv = _Server(spec, DyingServer(spec, tmp_path / "prefill-0.log"))
+    sup.servers["prefill-0"] = srv
+    causes: list[str] = []
+
+    async def restart(name: str, cause: str) -> bool:
+        causes.append(cause)
+        return True
+
+    sup.restart = restart  # type: ignore[method-assign]
+    gone = [worker_record(2**22 + 777), dict(worker_record(2**22 + 778), role="engine_core")]
+    asyncio.run(sup._after_death(srv, None, gone, "its engine died"))
+    assert causes == ["exited with signal SIGKILL"]
+    assert srv.crashes[-1]["message"] == "prefill-0 api_server (pid 4242) died: SIGKILL"

@@ -203,8 +203,9 @@ def test_claims_of_live_engines_are_compared_and_dead_ones_dropped(tmp_path, mon
         mine, shared, before = cpus.settle([[0]], False, "decode-1", folder, {0, 1})
         assert mine.cores == [[0]] and before is None
         assert [(o.server, c) for o, c in shared] == [("decode-0", {0})]
-        # vLLM's auto choice onto the same core: moved to the free one
-        mine, shared, before = cpus.settle([[0]], True, "decode-1", folder, {0, 1})
+        # vLLM's auto choice onto the same core: moved to the free one, even though vLLM
+        # reserved that one for the engine's other threads (better than a shared core)
+        mine, shared, before = cpus.settle([[0]], True, "decode-1", folder, {0, 1}, reserved={1})
         assert (mine.cores, before, shared, mine.source) == ([[1]], [[0]], [], "watchdog_kv")
         assert mine.bind_value() == "1"
     finally:

@@ -218,9 +218,16 @@ def settle(
         before = None
         source = "vllm_auto" if auto else "operator"
         if auto and held & {c for rank in lists for c in rank}:
-            moved = rebind(lists, allowed, held, siblings(held) | (reserved or set()))
-            if moved is not None:
-                before, lists, source = lists, moved, "watchdog_kv"
+            # best: a core no one uses, not one vLLM reserves for this engine's other
+            # threads, not a sibling of a held core; failing that, a reserved core (a
+            # mostly idle engine thread beats another server's spinning OpenMP threads);
+            # failing that, a held core's sibling
+            sibs = siblings(held) - held
+            for avoid in (sibs | (reserved or set()), sibs, set()):
+                moved = rebind(lists, allowed, held, avoid)
+                if moved is not None:
+                    before, lists, source = lists, moved, "watchdog_kv"
+                    break
         claim = Claim(pid, server, [list(r) for r in lists], source, process.start_ticks(pid))
         _write(folder, claim)
     return claim, overlaps(claim, others), before

@@ -559,6 +559,15 @@ class Supervisor:
         self, srv: _Server, code: int | None, dead: list[dict[str, Any]]
     ) -> Crash | None:
         """Diagnose the death of ``srv`` (crash incident, status); return the culprit."""
+        if code is None and dead:
+            # a whole process group killed at once: its engine processes can be seen gone
+            # a moment before its API server; that moment decides who the culprit is
+            for _ in range(10):
+                code = srv.proc.poll()
+                if code is not None:
+                    srv.exit_code = code
+                    break
+                await asyncio.sleep(0.1)
         try:
             crashes, folder = await deaths.examine(
                 srv.spec.name,
@@ -666,6 +675,8 @@ class Supervisor:
         cause = what
         if crash is not None and crash.role != "api_server":
             cause = f"engine died: {crash.describe()}"
+        elif crash is not None and crash.exit_code is not None:
+            cause = f"exited with {_exit_cause(crash.exit_code)}"
         if crash is None:
             srv.last_crash = None
         elif self._same_crash_again(srv, crash):

@@ -96,10 +96,10 @@ class ManagedProcess:
         """Stop the whole tree; return the pids that had to be SIGKILLed."""
         if self._popen is None:
             return []
-        # session leader: its pid is the group id, and ours until we reap it (once reaped,
-        # the group is signalled only while a process of the tree is still in it)
-        ours = self._popen.returncode is None
-        killed = stop_processes(self._popen.pid, self.tree(), grace, group_is_ours=ours)
+        # session leader: its pid is the group id. Once the leader is reaped, the kernel
+        # still keeps that id from any new process while a member of the group lives --
+        # an engine core or worker that outlived its killed API server must go too
+        killed = stop_processes(self._popen.pid, self.tree(), grace, group_is_ours=True)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self._popen.wait(timeout=5)
         return killed
