@@ -71,3 +71,44 @@ def test_no_answer_names_role_server_and_cause():
     )
     assert (gone.status, gone.kind) == (502, "decode_unreachable")
     assert gone.message == "decode server decode-0 is unreachable: refused"
+
+
+def test_several_prompts_are_told_from_one():
+    from watchdog_kv.router.handoff import several_prompts
+
+    done = "/v1/completions"
+    assert several_prompts(done, {"prompt": ["a", "b"]}) == ["a", "b"]
+    assert several_prompts(done, {"prompt": [[1, 2], [3]]}) == [[1, 2], [3]]
+    assert several_prompts(done, {"prompt": [1, 2, 3]}) is None  # token ids of one prompt
+    assert several_prompts(done, {"prompt": ["only"]}) is None
+    assert several_prompts(done, {"prompt": "one"}) is None
+    assert several_prompts("/v1/chat/completions", {"prompt": ["a", "b"]}) is None
+
+
+def test_answers_per_prompt_are_merged_as_vllm_numbers_them():
+    from watchdog_kv.router.ladder import merge_answers
+
+    def answer(texts, prompt_tokens, completion_tokens):
+        return {
+            "id": "cmpl-x",
+            "object": "text_completion",
+            "model": "m",
+            "choices": [
+                {"index": j, "text": t, "finish_reason": "length"} for j, t in enumerate(texts)
+            ],
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens,
+            },
+        }
+
+    merged = merge_answers([answer(["a0", "a1"], 3, 4), answer(["b0", "b1"], 5, 4)], 2, "cmpl-r")
+    assert merged["id"] == "cmpl-r" and merged["object"] == "text_completion"
+    assert [(c["index"], c["text"]) for c in merged["choices"]] == [
+        (0, "a0"),
+        (1, "a1"),
+        (2, "b0"),
+        (3, "b1"),
+    ]
+    assert merged["usage"] == {"prompt_tokens": 8, "completion_tokens": 8, "total_tokens": 16}

@@ -261,3 +261,49 @@ def test_malformed_questions_get_bad_request_and_the_server_answers_on(by):
         ctx.term()
         client.close()
         server.close()
+
+
+class FakeNixlConnector:
+    """The scheduler-side methods the watch wraps, answering as NixlConnector does."""
+
+    def __init__(self, params: dict):
+        self.params = params
+
+    def get_num_new_matched_tokens(self, request, num_computed_tokens):
+        remote = (request.kv_transfer_params or {}).get("do_remote_prefill")
+        return (40, True) if remote else (0, False)
+
+    def update_state_after_alloc(self, request, blocks, num_external_tokens):
+        return None
+
+    def build_connector_meta(self, scheduler_output):
+        return object()
+
+    def request_finished(self, request, block_ids):
+        return True, dict(self.params)
+
+
+def test_the_prefill_names_its_prompt_and_the_decode_refuses_another_prompts_kv(tmp_path):
+    from types import SimpleNamespace
+
+    from watchdog_kv import config
+    from watchdog_kv.kv.scheduler import PROMPT_PARAM, SchedulerWatch, prompt_digest
+
+    settings = config.load({"WATCHDOG_KV_STATE_DIR": str(tmp_path)})
+    prefill = SchedulerWatch(FakeNixlConnector(GOOD), settings)
+    first = SimpleNamespace(request_id="a", prompt_token_ids=[5, 6, 7], kv_transfer_params={})
+    delay, params = prefill.connector.request_finished(first, [[1, 2]])
+    assert delay and params[PROMPT_PARAM] == prompt_digest([5, 6, 7]) == prompt_digest((5, 6, 7))
+    assert bad_remote_params(params) is None
+
+    decode = SchedulerWatch(FakeNixlConnector({}), settings)
+    same = SimpleNamespace(request_id="b", prompt_token_ids=[5, 6, 7], kv_transfer_params=params)
+    assert decode.connector.get_num_new_matched_tokens(same, 0) == (40, True)  # pulled
+    other = SimpleNamespace(request_id="c", prompt_token_ids=[5, 6, 8], kv_transfer_params=params)
+    assert decode.connector.get_num_new_matched_tokens(other, 0) == (0, False)  # computed here
+    assert other.kv_transfer_params["do_remote_prefill"] is False and decode.refused_params == 1
+    # a prefill without watchdog_kv names no prompt: nothing to compare, the KV is used
+    plain = {k: v for k, v in params.items() if k != PROMPT_PARAM}
+    unnamed = SimpleNamespace(request_id="d", prompt_token_ids=[9], kv_transfer_params=plain)
+    assert decode.connector.get_num_new_matched_tokens(unnamed, 0) == (40, True)
+    assert prompt_digest(None) is None and prompt_digest([1]) != prompt_digest([1, 1])

@@ -10,7 +10,12 @@ built, in the engine-core process:
   workers on the connector metadata (attribute ``watchdog_kv_recv``);
 * ``request_finished``: when the prefill keeps blocks for a decode, the
   ``kv_transfer_params`` it returns gain ``watchdog_kv_lease`` -- the addresses of
-  this engine's lease servers -- so the decode can check its read.
+  this engine's lease servers -- so the decode can check its read -- and
+  ``watchdog_kv_prompt``, a digest of the prompt's token ids;
+* ``get_num_new_matched_tokens`` (decode side): parameters that do not hold
+  together, or whose prompt digest is not this request's own prompt's (the KV of
+  another prompt: a client or router that gave one request's parameters to
+  another), are refused and the prompt is computed here.
 
 :func:`patch_scheduler_recovery` makes vLLM's scheduler recompute failed loads
 (``WATCHDOG_KV_KV_RECOVERY=recompute``) without touching the user's
@@ -19,6 +24,7 @@ built, in the engine-core process:
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from dataclasses import asdict
@@ -33,7 +39,27 @@ from watchdog_kv.kv.worker import RECV_PLAN_ATTR, RecvPlan
 from watchdog_kv.patching import InstancePatches
 from watchdog_kv.telemetry import get_logger, tracing
 
-__all__ = ["SchedulerWatch", "bad_remote_params", "patch_scheduler_recovery"]
+__all__ = [
+    "PROMPT_PARAM",
+    "SchedulerWatch",
+    "bad_remote_params",
+    "patch_scheduler_recovery",
+    "prompt_digest",
+]
+
+# The key of the prompt's digest in kv_transfer_params (prefill -> decode).
+PROMPT_PARAM = "watchdog_kv_prompt"
+
+
+def prompt_digest(token_ids: Any) -> str | None:
+    """A digest of a prompt's token ids (their count and a hash), or None without them."""
+    try:
+        ids = [int(t) for t in token_ids]
+    except (TypeError, ValueError):
+        return None
+    raw = b"".join(t.to_bytes(4, "little", signed=True) for t in ids)
+    return f"{len(ids)}:{hashlib.blake2b(raw, digest_size=12).hexdigest()}"
+
 
 _log = get_logger("watchdog_kv.kv")
 
@@ -99,7 +125,7 @@ class SchedulerWatch:
             return
         if not params.get("do_remote_prefill"):
             return
-        problem = bad_remote_params(params)
+        problem = bad_remote_params(params) or _other_prompt(request, params)
         if problem is None:
             return
         _log.warning("kv.bad_transfer_params", request_id=request.request_id, problem=problem)
@@ -173,6 +199,9 @@ class SchedulerWatch:
                     traceparent = _str_or_none(asked.get(tracing.TRACE_PARAM))
                     if traceparent is not None and tracing.enabled():
                         self._lease_traces[request.request_id] = traceparent
+                    digest = prompt_digest(getattr(request, "prompt_token_ids", None))
+                    if digest is not None:
+                        params = {**params, PROMPT_PARAM: digest}
                     endpoints = self._lease_servers()
                     if endpoints:
                         params = {**params, LEASE_PARAM: endpoints}
@@ -233,12 +262,29 @@ def bad_remote_params(params: dict[str, Any]) -> str | None:
         return (
             f"remote_num_tokens must be a non-negative integer, got {params['remote_num_tokens']!r}"
         )
+    if params.get(PROMPT_PARAM) is not None and not isinstance(params[PROMPT_PARAM], str):
+        return f"{PROMPT_PARAM} must be a string, got {params[PROMPT_PARAM]!r}"[:200]
     lease = params.get(LEASE_PARAM)
     if lease is not None and not (
         isinstance(lease, list) and lease and all(isinstance(e, str) for e in lease)
     ):
         return f"{LEASE_PARAM} must be a list of addresses, got {lease!r}"[:200]
     return None
+
+
+def _other_prompt(request: Any, params: dict[str, Any]) -> str | None:
+    """Why the KV behind ``params`` is not this request's prompt's, or None (also when
+    the prefill did not say whose it is: a prefill without watchdog_kv)."""
+    theirs = params.get(PROMPT_PARAM)
+    if theirs is None:
+        return None
+    mine = prompt_digest(getattr(request, "prompt_token_ids", None))
+    if mine is None or mine == theirs:
+        return None
+    return (
+        f"the KV belongs to another prompt (prefilled prompt {theirs}, this request's "
+        f"{mine}); computing this prompt here"
+    )
 
 
 def _block_size(connector: Any) -> int:

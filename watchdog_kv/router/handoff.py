@@ -40,6 +40,7 @@ __all__ = [
     "relay_error",
     "retryable",
     "run_prefill",
+    "several_prompts",
     "silent",
     "validate_body",
 ]
@@ -102,6 +103,24 @@ def validate_body(raw: bytes) -> dict[str, Any]:
             "invalid_request_error",
         )
     return body
+
+
+def several_prompts(path: str, body: dict[str, Any]) -> list[Any] | None:
+    """The prompts of a completions request that has more than one, else None.
+
+    A prefill answers one ``kv_transfer_params`` for the whole request (the first
+    prompt's), so one hand-off cannot serve several prompts: each needs its own.
+    ``prompt`` may be a string, a list of strings, a list of token ids (one prompt) or
+    a list of lists of token ids.
+    """
+    if path.endswith("/chat/completions"):
+        return None
+    prompt = body.get("prompt")
+    if not isinstance(prompt, list) or len(prompt) < 2:
+        return None
+    if all(isinstance(p, int) and not isinstance(p, bool) for p in prompt):
+        return None  # one prompt given as token ids
+    return list(prompt)
 
 
 def prefill_body(body: dict[str, Any], traceparent: str | None = None) -> dict[str, Any]:

@@ -14,6 +14,12 @@ Within the request's budget (``WATCHDOG_KV_REQUEST_BUDGET``):
    another (or the restarted) decode from the tokens already sent
    (:mod:`watchdog_kv.router.stream`).
 
+A completions request with several prompts gets one hand-off per prompt: a
+prefill answers one set of ``kv_transfer_params`` per request, which belongs to
+its first prompt only. Not streamed, the prompts run down ladders of their own,
+concurrently, and their answers are merged in order (choice indices, usage);
+streamed, the decode computes every prompt itself (``decode_computes_prompt``).
+
 A 4xx from vLLM is the client's own mistake and goes straight back. Only when
 every rung has failed, or the budget is spent, does the client get the last
 error, which names the servers tried. Every rung taken is logged
@@ -24,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import time
 from collections import Counter
 from pathlib import Path
@@ -39,13 +46,31 @@ from watchdog_kv.router.handoff import (
     decode_whole,
     retryable,
     run_prefill,
+    several_prompts,
 )
 from watchdog_kv.router.spans import RequestTrace, cause_of
 from watchdog_kv.router.stream import ClientGone, StreamRelay
 
-__all__ = ["Backends", "Ladder", "Recoveries"]
+__all__ = ["Backends", "Ladder", "Recoveries", "merge_answers"]
 
 _ANSWERED = ("upstream_unavailable", "upstream_error")  # an HTTP error status: it is alive
+
+
+def merge_answers(answers: list[dict[str, Any]], n: int, answer_id: str) -> dict[str, Any]:
+    """One completions answer from one answer per prompt, as vLLM numbers them: the
+    choices of prompt ``i`` take indices ``i*n`` to ``i*n + n - 1``; usage is summed."""
+    choices = []
+    usage: dict[str, int] = {}
+    for i, answer in enumerate(answers):
+        for choice in answer.get("choices") or []:
+            choices.append({**choice, "index": i * n + int(choice.get("index") or 0)})
+        for key, value in (answer.get("usage") or {}).items():
+            if isinstance(value, int) and not isinstance(value, bool):
+                usage[key] = usage.get(key, 0) + value
+    merged = {**answers[0], "id": answer_id, "choices": sorted(choices, key=lambda c: c["index"])}
+    if any(answer.get("usage") for answer in answers):
+        merged["usage"] = {**(answers[0].get("usage") or {}), **usage}
+    return merged
 
 
 class Backends(Protocol):
@@ -121,9 +146,55 @@ class Ladder:
     async def run(self) -> web.StreamResponse:
         params = None
         role = self.backends.serving_role()
+        prompts = several_prompts(self.path, self.body)
+        if prompts is not None and "prefill" in self.backends.roles():
+            if not self.body.get("stream"):
+                return await self._fan_out(prompts)
+            self.rung(
+                "decode_computes_prompt",
+                "admission",
+                reason=f"{len(prompts)} prompts in one streamed request: a hand-off carries "
+                "the KV of one prompt",
+            )
+            return await self._decode(role, None)
         if "prefill" in self.backends.roles():
             params = await self._prefill()
         return await self._decode(role, params)
+
+    async def _fan_out(self, prompts: list[Any]) -> web.StreamResponse:
+        """One ladder per prompt, concurrently; their answers merged in order."""
+        ladders = [
+            Ladder(
+                self.request,
+                self.http,
+                self.backends,
+                self.settings,
+                self.recoveries,
+                self.path,
+                {**self.body, "prompt": prompt},
+                f"{self.request_id}-p{i}",
+                self.log.bind(prompt=i),
+                self.trace,
+            )
+            for i, prompt in enumerate(prompts)
+        ]
+        self.log.info("request.fanned_out", prompts=len(prompts))
+        results = await asyncio.gather(
+            *(ladder.run() for ladder in ladders), return_exceptions=True
+        )
+        for ladder in ladders:
+            self.rungs += ladder.rungs
+            self.servers += ladder.servers
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result  # the first failure, as a single prompt's would be
+        answers = [json.loads(getattr(result, "body", b"") or b"{}") for result in results]
+        merged = merge_answers(answers, int(self.body.get("n") or 1), f"cmpl-{self.request_id}")
+        response = web.json_response(merged)
+        decodes = [str(getattr(r, "headers", {}).get("X-Watchdog-Decode", "")) for r in results]
+        response.headers["X-Watchdog-Decode"] = ",".join(decodes)
+        response.headers["X-Watchdog-Recovery"] = ",".join(self.rungs) or "none"
+        return response
 
     # -- rungs 1 and 2 ---------------------------------------------------------------
     async def _prefill(self) -> dict[str, Any] | None:

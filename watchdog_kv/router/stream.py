@@ -43,6 +43,7 @@ from watchdog_kv.router.handoff import (
     no_answer,
     relay_error,
     retryable,
+    several_prompts,
     silent,
 )
 
@@ -102,9 +103,7 @@ def not_continuable(chat: bool, body: dict[str, Any]) -> str | None:
         return "logprobs"
     if any(body.get(key) not in (None, [], {}) for key in _STRUCTURED):
         return "tools or structured output"
-    prompt = body.get("prompt")
-    several = isinstance(prompt, list) and len(prompt) > 1 and not isinstance(prompt[0], int)
-    if not chat and several:
+    if not chat and several_prompts("/v1/completions", body) is not None:
         return "several prompts"
     return None
 
