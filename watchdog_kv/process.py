@@ -37,6 +37,7 @@ __all__ = [
     "ProcessIdentity",
     "boot_id",
     "detect",
+    "process_state",
     "read_records",
     "running",
     "start_ticks",
@@ -111,13 +112,16 @@ def start_ticks(pid: int) -> int | None:
         return None
 
 
+def process_state(pid: int) -> str:
+    """The kernel's one-letter state of ``pid`` (R, S, D, T, t, Z...), or ``gone``."""
+    fields = _stat(pid)
+    return fields[0] if fields else "gone"
+
+
 def running(pid: int, ticks: int | None = None) -> bool:
     """``pid`` is a live process (not a zombie) and, when ``ticks`` is given, the one
     that started then."""
-    if pid <= 0:
-        return False
-    fields = _stat(pid)
-    if not fields or fields[0] in ("Z", "X"):
+    if pid <= 0 or process_state(pid) in ("gone", "Z", "X"):
         return False
     return ticks is None or start_ticks(pid) == ticks
 

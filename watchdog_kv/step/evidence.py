@@ -32,21 +32,12 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from watchdog_kv.process import write_json
+from watchdog_kv.process import process_state, write_json
 from watchdog_kv.step.beacon import beacon_path, read_beacon
 
 __all__ = ["collect_incident", "dump_stacks", "process_state", "py_spy_path"]
 
 DUMP_TIMEOUT_S = 20.0
-
-
-def process_state(pid: int) -> str:
-    """The kernel's one-letter state of ``pid`` (R, S, D, T, t, Z...), or ``gone``."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return "gone"
-    return stat.rsplit(")", 1)[1].split()[0]
 
 
 def py_spy_path() -> str | None:

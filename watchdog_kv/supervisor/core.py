@@ -418,7 +418,7 @@ class Supervisor:
         """
         srv = self.servers[name]
         limit = self.settings.restart_limit
-        if srv.ready_since is not None and time.monotonic() - srv.ready_since >= STABLE_S:
+        if _stable(srv):
             srv.streak = 0
         if srv.streak >= limit:
             self._give_up(srv, cause)
@@ -669,7 +669,7 @@ class Supervisor:
         """The crash incident first (a restart kills what is left), then a restart --
         unless the server crashed the same way as the last time."""
         srv.death = None
-        if srv.ready_since is not None and time.monotonic() - srv.ready_since >= STABLE_S:
+        if _stable(srv):
             srv.last_crash = None  # stable since the last one: not a crash loop
         crash = await self._examine(srv, code, dead)
         cause = what
@@ -815,6 +815,12 @@ class Supervisor:
         return self._up and any(
             s.state == "ready" for s in self.servers.values() if s.spec.role in SERVING_ROLES
         )
+
+
+def _stable(srv: _Server) -> bool:
+    """Ready for :data:`STABLE_S`: its next failure starts a new row (of restarts, and
+    of crashes)."""
+    return srv.ready_since is not None and time.monotonic() - srv.ready_since >= STABLE_S
 
 
 def _exit_cause(code: int) -> str:
