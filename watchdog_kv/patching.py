@@ -47,6 +47,9 @@ class ClassPatches:
         setattr(owner, name, make(original))
         self._done.append((owner, name, original))
 
+    def patched(self, owner: Any, name: str) -> bool:
+        return any(o is owner and n == name for o, n, _ in self._done)
+
     def undo(self) -> None:
         for owner, name, original in reversed(self._done):
             setattr(owner, name, original)

@@ -33,7 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from watchdog_kv import config, faults, process
+from watchdog_kv import config, faults, process, seeds
 from watchdog_kv.crash import record as crash_record
 from watchdog_kv.guard import contained
 from watchdog_kv.host import amx, cpus
@@ -132,6 +132,8 @@ def register() -> Registration:
                 )
             reg.hooks += kv_hooks.install(settings, reg.identity.rank, _publisher(reg))
             reg.hooks += _install_step_watch(settings, reg.identity.role)
+            if reg.identity.role in ("engine_core", "worker"):  # where a model runner may be
+                reg.hooks += seeds.install()
             if reg.identity.role == "engine_core":
                 reg.hooks += cpus.install(settings.server, _publisher(reg, "cpus"))
             record = process.StatusRecord(
@@ -222,6 +224,7 @@ def unregister() -> None:
             reg.metrics_stop.set()
         kv_hooks.uninstall()
         step_hooks.uninstall()
+        seeds.uninstall()
         cpus.uninstall()
         crash_record.disable()
         logs.set_recorder(None)
