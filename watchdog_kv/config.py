@@ -233,8 +233,12 @@ VARIABLES: tuple[Variable, ...] = (
         default_doc="120",
         accepted="a number of seconds greater than 0",
         unit="s",
-        doc="Router: longest silence from a decode server (before its first byte or "
-        "between streamed chunks) before the request is ended with a clear error.",
+        doc="Router: longest silence from a decode server (before its first token or "
+        "between tokens -- the router streams every answer it can continue from the "
+        "decode, whether the client streams or not) before the decode counts as failed: "
+        "the answer is continued on another decode, or ended with a clear error. A "
+        "non-streamed answer that cannot be continued is bounded by "
+        "WATCHDOG_KV_REQUEST_BUDGET instead.",
     ),
     Variable(
         name="WATCHDOG_KV_REQUEST_BUDGET",

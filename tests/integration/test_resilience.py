@@ -125,38 +125,18 @@ def kill_tree(pid: int) -> None:
 
 @pytest.mark.parametrize("chat", [False, True], ids=["completions", "chat"])
 def test_decode_killed_mid_stream_the_stream_completes_identical(resilient, chat):
+    """The simplest continuation, in the service whose other tests kill and crash its
+    servers (tests/integration/test_continuation.py has every request kind)."""
+    from .test_continuation import both_decodes_ready, finish_reasons, killed_mid_stream, restarted
+
     svc = resilient
-    for name in ("decode-0", "decode-1"):  # the other test case's kill is mended first
-        wait_state(svc, name, lambda s: s["state"] == "ready", 300)
+    both_decodes_ready(svc)
     path, body = long_request(chat)
     reference, _ = stream(svc.url, path, body)
-    before = svc.status()["router"]["recoveries"].get("decode_continues_stream", 0)
-    killed: dict = {}
-
-    def kill_after_30(count: int, headers: dict) -> None:
-        if count == 30 and not killed:
-            name = headers["X-Watchdog-Decode"]
-            state = server(svc, name)
-            killed.update(name=name, pid=state["pid"], restarts=len(state["restarts"]))
-            os.kill(killed["pid"], signal.SIGKILL)  # the decode's API server, mid-stream
-
-    with held_in_flight(svc, *DECODES):  # 300 slow steps: still streaming at the kill
-        got, _ = stream(svc.url, path, body, on_event=kill_after_30)
-    assert killed, "the stream ended before the kill"
+    got, _, killed = killed_mid_stream(svc, path, body, at=30)
     assert text_of(got, chat) == text_of(reference, chat)
-    assert len(text_of(got, chat)) > 0 and got[-1] == {"done": True}
-    assert not any("error" in e for e in got)
-    finish = [c["finish_reason"] for e in got for c in e.get("choices") or [] if c["finish_reason"]]
-    assert finish == ["length"]
-    if chat:  # usage counts the whole answer, not just the continuation
-        usage = [e["usage"] for e in got if e.get("usage")]
-        assert usage[-1] == [e["usage"] for e in reference if e.get("usage")][-1]
-    assert len({e["id"] for e in got if "id" in e}) == 1  # one stream, one id
-    status = svc.status()
-    assert status["router"]["recoveries"]["decode_continues_stream"] == before + 1
-    # the killed decode is restarted, and says why
-    state = wait_state(svc, killed["name"], lambda s: len(s["restarts"]) > killed["restarts"], 30)
-    assert state["restarts"][-1]["cause"] == "exited with signal SIGKILL"
+    assert finish_reasons(got) == ["length"] and got[-1] == {"done": True}
+    restarted(svc, killed)
 
 
 def test_prefill_killed_requests_complete_then_it_is_back(resilient):

@@ -404,7 +404,26 @@ def test_the_ladder_never_retries_a_dead_engine_and_waits_for_its_restart():
             calls.append(name)
             if not healthy():
                 return web.json_response(dead_body, status=500)
-            return web.json_response({"choices": [{"text": f"from {name}"}]})
+            # the router streams from the decode even for a whole answer, as vLLM would
+            chunk = {
+                "id": "cmpl-1",
+                "created": 1,
+                "model": "m",
+                "choices": [
+                    {
+                        "index": 0,
+                        "text": f"from {name}",
+                        "finish_reason": "length",
+                        "token_ids": [7],
+                        "prompt_token_ids": [1],
+                    }
+                ],
+            }
+            stream = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            await stream.prepare(request)
+            await stream.write(f"data: {json.dumps(chunk)}\n\ndata: [DONE]\n\n".encode())
+            await stream.write_eof()
+            return stream
 
         app = web.Application()
         app.router.add_post("/v1/completions", handle)

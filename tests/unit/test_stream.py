@@ -12,6 +12,7 @@ import asyncio
 import pytest
 
 from watchdog_kv import cli
+from watchdog_kv.router import stream as stream_mod
 from watchdog_kv.router.handoff import Backend
 from watchdog_kv.router.ladder import Recoveries
 from watchdog_kv.router.stream import StreamRelay, not_continuable
@@ -88,6 +89,31 @@ def test_chat_chunks_that_exist_only_for_token_ids_are_dropped_not_empty_content
     assert relay.emitted == [9, 10] and relay.prompt_ids == [1, 2]
 
 
+def captured(relay):
+    """The relay's client side as a list of the events it writes (and "[DONE]")."""
+    events = []
+
+    async def write(event):
+        events.append(event)
+
+    async def end():
+        events.append("[DONE]")
+        return "response"
+
+    relay._write, relay._end = write, end
+    return events
+
+
+def cont(text, ids, finish=None, stop_reason=None):
+    out = chunk(text, ids, finish, id="cmpl-other")
+    out["choices"][0]["stop_reason"] = stop_reason
+    return out
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
 def test_continuation_chunks_become_the_client_stream():
     relay = StreamRelay(
         None,
@@ -95,26 +121,121 @@ def test_continuation_chunks_become_the_client_stream():
         {"messages": [], "stream": True, "stream_options": {"include_usage": True}},
         "r",
     )
+    events = captured(relay)
     relay._head = {"id": "chatcmpl-1", "created": 7, "model": "m"}
     relay._record(chat_chunk("", [], role=True, prompt_ids=[1, 2, 3]))
     relay._record(chat_chunk("ab", [4, 5]))
-    out = relay._from_continuation(chunk("cd", [6], "length", id="cmpl-other"))
+    relay.continuations = 1
+    assert not run(relay._continued(cont("cd", [6], "length")))
+    out = events[0]
     assert out["id"] == "chatcmpl-1" and out["object"] == "chat.completion.chunk"
     choice = out["choices"][0]
     assert choice["delta"] == {"content": "cd"} and choice["finish_reason"] == "length"
     assert choice["token_ids"] is None
-    usage = relay._from_continuation(
-        {
-            "id": "x",
-            "object": "text_completion",
-            "created": 9,
-            "model": "m",
-            "choices": [],
-            "usage": {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6},
-        }
-    )
-    assert usage["usage"] == {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6}
+    run(relay._close())
+    assert events[1]["choices"] == [] and events[1]["id"] == "chatcmpl-1"
+    assert events[1]["usage"] == {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6}
+    assert events[2] == "[DONE]"
     assert relay.text == "abcd" and relay.emitted == [4, 5, 6]
+
+
+def stopped_relay(stop, include=False, min_tokens=0, sent="abc", held="xE"):
+    """A completions stream that sent ``sent`` and whose dead decode held ``held`` back."""
+    body = {"prompt": "p", "stream": True, "stop": stop, "max_tokens": 50}
+    if include:
+        body["include_stop_str_in_output"] = True
+    if min_tokens:
+        body["min_tokens"] = min_tokens
+    relay = StreamRelay(None, "/v1/completions", body, "r")
+    events = captured(relay)
+    relay._head = {"id": "cmpl-1", "created": 7, "model": "m"}
+    relay._record(chunk(sent, [1, 2, 3], prompt_ids=[9]))
+    relay.emitted.append(4)  # the token whose text was held back
+    relay.continuations = 1
+    relay._pending = held
+    return relay, events
+
+
+def texts(events):
+    return "".join(e["choices"][0]["text"] for e in events if isinstance(e, dict) and e["choices"])
+
+
+def test_a_stop_string_across_the_break_ends_the_answer_there():
+    """The dead decode held "xE" back (it could begin "END"); the continuation's own
+    vLLM never sees the "E", so the router matches "END" across the break."""
+    relay, events = stopped_relay(["END"])
+    assert not run(relay._continued(cont("N", [5])))
+    assert texts(events) == "x"  # "EN" could still begin "END": held back
+    assert run(relay._continued(cont("Dzz", [6])))  # the answer ends here
+    assert texts(events) == "x"
+    last = events[-1]["choices"][0]
+    assert last["finish_reason"] == "stop" and last["stop_reason"] == "END"
+    assert relay.text == "abcx" and relay.emitted == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_stop_string_kept_in_the_output_is_matched_across_the_break():
+    relay, events = stopped_relay(["END"], include=True, sent="abcE", held="")
+    run(relay._continued(cont("N", [5])))
+    assert run(relay._continued(cont("Dzz", [6])))
+    assert relay.text == "abcEND" and events[-1]["choices"][0]["stop_reason"] == "END"
+
+
+def test_the_earliest_stop_string_to_complete_wins_as_in_vllm():
+    relay, events = stopped_relay(["zzz", "Ez"], held="E")
+    assert run(relay._continued(cont("zzz", [5])))
+    assert events[-1]["choices"][0]["stop_reason"] == "Ez" and relay.text == "abc"
+
+
+def test_no_stop_string_before_min_tokens():
+    relay, _events = stopped_relay(["END"], min_tokens=5)
+    # this chunk brings the count to 5: text before it cannot end a match (vLLM's rule)
+    assert not run(relay._continued(cont("ND", [5])))
+    assert run(relay._continued(cont("qEND", [6])))
+    assert relay.text == "abcxENDq"
+
+
+def test_held_text_is_passed_on_at_the_finish():
+    relay, events = stopped_relay(["END"])
+    run(relay._continued(cont("q", [5], "length")))
+    assert relay.text == "abcxEq" and events[-1]["choices"][0]["finish_reason"] == "length"
+
+
+def test_nothing_is_continued_after_the_finish_chunk():
+    relay = StreamRelay(None, "/v1/completions", {"prompt": "p", "stream": True}, "r")
+    events = captured(relay)
+    relay._record(chunk("ab", [4, 5], "stop", prompt_ids=[1]))
+    relay.response = "begun"  # the client has its stream
+    # the decode died between its finish chunk and [DONE]: the next decode is not asked
+    assert run(relay.relay(None, Backend("decode-1", "http://unused"), None, 1.0)) == "response"
+    assert events == ["[DONE]"]
+
+
+def test_a_finish_chunk_lost_at_the_budget_is_sent_by_the_router():
+    relay = StreamRelay(
+        None, "/v1/completions", {"prompt": "p", "stream": True, "max_tokens": 2}, "r"
+    )
+    events = captured(relay)
+    relay._head = {"id": "cmpl-1", "created": 7, "model": "m"}
+    relay._record(chunk("ab", [4, 5], prompt_ids=[1]))
+    relay.response = "begun"
+
+    async def aligned(_http, _backend):
+        return 2
+
+    relay._aligned = aligned
+    run(relay.relay(None, Backend("decode-1", "http://unused"), None, 1.0))
+    assert events[0]["choices"][0]["finish_reason"] == "length" and events[-1] == "[DONE]"
+
+
+def continuation_of(path, body, record, kept=2):
+    relay = StreamRelay(None, path, body, "r")
+    record(relay)
+
+    async def aligned(_http, _backend):
+        return kept
+
+    relay._aligned = aligned
+    return run(relay._continuation(None, Backend("decode-1", "u")))
 
 
 def test_continuation_request_asks_for_what_is_still_owed():
@@ -128,15 +249,10 @@ def test_continuation_request_asks_for_what_is_still_owed():
         "stream": True,
         "echo": False,
     }
-    relay = StreamRelay(None, "/v1/completions", body, "r")
-    relay._record(chunk("ab", [4, 5], prompt_ids=[1, 2]))
-
-    async def aligned(_http, _backend):
-        return 2
-
-    relay._aligned = aligned
-    cont = asyncio.run(relay._continuation(None, Backend("decode-1", "u")))
-    assert cont == {
+    got = continuation_of(
+        "/v1/completions", body, lambda r: r._record(chunk("ab", [4, 5], prompt_ids=[1, 2]))
+    )
+    assert got == {
         "temperature": 0,
         "seed": 4,
         "model": "m",
@@ -145,6 +261,58 @@ def test_continuation_request_asks_for_what_is_still_owed():
         "return_token_ids": True,
         "max_tokens": 8,
         "min_tokens": 1,
+        "vllm_xargs": {"watchdog_kv_draws": 2},
+    }
+
+
+def test_the_budget_is_what_vllm_would_have_allowed(monkeypatch):
+    def first(r):
+        r._record(chat_chunk("", [], role=True, prompt_ids=[1, 2]))
+        r._record(chat_chunk("ab", [4, 5]))
+
+    async def max_model_len(_http, _backend, _model):
+        return 100
+
+    monkeypatch.setattr(stream_mod, "_max_model_len", max_model_len)
+    chat = continuation_of("/v1/chat/completions", {"messages": [], "stream": True}, first)
+    assert chat["max_tokens"] == 100 - 2 - 2  # vLLM's: max_model_len - prompt - sent
+    chat = continuation_of(
+        "/v1/chat/completions", {"messages": [], "max_completion_tokens": 7}, first
+    )
+    assert chat["max_tokens"] == 5
+    for body in ({"prompt": "p"}, {"prompt": "p", "max_tokens": None}):
+        plain = continuation_of(
+            "/v1/completions", body, lambda r: r._record(chunk("ab", [4, 5], prompt_ids=[1]))
+        )
+        assert plain["max_tokens"] == 14  # vLLM's default of 16 for completions (null too)
+
+
+def test_vllm_default_max_tokens_for_completions_is_the_one_the_router_assumes():
+    protocol = pytest.importorskip(
+        "vllm.entrypoints.openai.completion.protocol", reason="vLLM is not installed here"
+    )
+    from watchdog_kv.router.stream import COMPLETIONS_MAX_TOKENS
+
+    assert protocol.CompletionRequest.model_fields["max_tokens"].default == COMPLETIONS_MAX_TOKENS
+
+
+def test_a_whole_answer_is_assembled_from_the_stream():
+    relay = StreamRelay(None, "/v1/chat/completions", {"messages": [], "model": "m"}, "r")
+    assert relay.whole and relay.usage_wanted
+    relay._head = {"id": "chatcmpl-1", "created": 7, "model": "m"}
+    relay._record(chat_chunk("", [], role=True, prompt_ids=[1, 2]))
+    relay._record(chat_chunk("ab", [4, 5]))
+    relay._record(chat_chunk("c", [6], "stop"))
+    answer = relay._assembled()
+    assert answer["object"] == "chat.completion" and answer["id"] == "chatcmpl-1"
+    assert answer["choices"][0]["message"]["content"] == "abc"
+    assert answer["choices"][0]["finish_reason"] == "stop"
+    assert answer["usage"] == {
+        "prompt_tokens": 2,
+        "completion_tokens": 3,
+        "total_tokens": 5,
+        "prompt_tokens_details": None,
+        "completion_tokens_details": None,
     }
 
 
@@ -154,6 +322,10 @@ def test_continuation_request_asks_for_what_is_still_owed():
         (False, {"prompt": "p", "n": 2}, "n > 1"),
         (False, {"prompt": "p", "echo": True}, "echo"),
         (False, {"prompt": "p", "logprobs": 2}, "logprobs"),
+        (False, {"prompt": "p", "logprobs": 0}, "logprobs"),
+        (True, {"messages": [], "logprobs": False}, None),
+        (False, {"prompt": "p", "presence_penalty": 0.5}, "presence or frequency penalty"),
+        (False, {"prompt": "p", "frequency_penalty": 0.0}, None),
         (True, {"messages": [], "logprobs": True}, "logprobs"),
         (True, {"messages": [], "tools": [{"type": "function"}]}, "tools or structured output"),
         (
@@ -168,6 +340,13 @@ def test_continuation_request_asks_for_what_is_still_owed():
 )
 def test_what_cannot_be_continued_exactly_is_named(chat, body, why):
     assert not_continuable(chat, body) == why
+
+
+def test_a_seed_is_continued_only_where_the_plugin_replays_its_draws():
+    body = {"prompt": "p", "seed": 3, "temperature": 0.8}
+    assert not_continuable(False, body, seeds_replayed=True) is None
+    assert "seed" in not_continuable(False, body, seeds_replayed=False)
+    assert not_continuable(False, {**body, "temperature": 0}, seeds_replayed=False) is None
 
 
 def test_round_robin_per_role():

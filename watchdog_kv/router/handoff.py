@@ -230,28 +230,27 @@ async def decode_whole(
     path: str,
     body: dict[str, Any],
     request_id: str,
-    idle_timeout_s: float,
+    timeout_s: float,
     headers: dict[str, str] | None = None,
 ) -> web.Response:
-    """Send a non-streamed request to a decode server and return its whole answer."""
+    """Send a non-streamed request to a decode server and return its whole answer
+    (for requests whose answer cannot be continued: nothing shows progress until it is
+    whole, so the bound is on the whole answer -- the rest of the request's budget)."""
     try:
         async with http.post(
             f"{backend.url}{path}",
             json=body,
             headers={"X-Request-Id": request_id, **(headers or {})},
-            timeout=idle_timeout(idle_timeout_s),
+            timeout=aiohttp.ClientTimeout(total=timeout_s),
         ) as upstream:
             if upstream.status != 200:
                 raise await relay_error(upstream, backend)
-            try:
-                payload = await upstream.read()
-            except TimeoutError:
-                raise silent("decode", backend, idle_timeout_s) from None
+            payload = await upstream.read()
             return web.Response(
                 body=payload, status=200, content_type=upstream.content_type or "application/json"
             )
     except (TimeoutError, aiohttp.ClientError) as exc:
-        raise no_answer("decode", backend, exc, idle_timeout_s) from None
+        raise no_answer("decode", backend, exc, timeout_s) from None
 
 
 def idle_timeout(seconds: float) -> aiohttp.ClientTimeout:

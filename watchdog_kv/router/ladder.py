@@ -237,11 +237,12 @@ class Ladder:
 
     # -- rungs 3 and 4 ---------------------------------------------------------------
     async def _decode(self, role: str, params: dict[str, Any] | None) -> web.StreamResponse:
-        stream = self._stream = (
-            StreamRelay(self.request, self.path, self.body, self.request_id)
-            if (self.body.get("stream"))
-            else None
+        stream: StreamRelay | None = StreamRelay(
+            self.request, self.path, self.body, self.request_id, self.settings.enabled
         )
+        if stream is not None and stream.whole and stream.why_not:
+            stream = None  # relayed whole: there is no progress to watch or continue from
+        self._stream = stream
         failed: list[Backend] = []
         last: HandoffError | None = None
         while True:
@@ -266,7 +267,7 @@ class Ladder:
                             if params
                             else self.body,
                             self.request_id,
-                            self.settings.decode_idle_timeout_s,
+                            max(self.left(), 1.0),
                             call.headers,
                         )
                         response.headers["X-Watchdog-Decode"] = backend.name
@@ -293,11 +294,14 @@ class Ladder:
                     self._dead.append(backend)
                 self.log.warning("request.decode_failed", server=backend.name, error=err.message)
                 if stream is not None and stream.started and stream.why_not:
-                    return await self._give_up(stream, err)
+                    why = f"; the answer cannot be continued on another decode ({stream.why_not})"
+                    return await self._give_up(
+                        stream, HandoffError(err.status, err.message + why, err.kind, **err.fields)
+                    )
                 params = None  # the next decode computes the prompt: this one may have the KV
                 if stream is not None and stream.started:
                     self.rung(
-                        "decode_continues_stream",
+                        "decode_continues_answer",
                         cause_of(err),
                         failed=backend.name,
                         tokens_sent=len(stream.emitted),
@@ -371,7 +375,7 @@ class Ladder:
             else f" (tried: {', '.join(self.servers)})"
         )
         final = HandoffError(err.status, err.message + note, err.kind, **err.fields)
-        if stream is not None and stream.started:
+        if stream is not None and stream.committed:
             self.log.error("request.stream_failed", error=final.message, rungs=self.rungs)
             try:
                 return await stream.fail(final)
