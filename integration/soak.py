@@ -3,8 +3,10 @@
 One supervised service (one prefill, two decodes) runs with the rehearsal faults
 configured (``WATCHDOG_KV_FAULT``: slow, dropped and corrupted KV transfers on
 every hand-off at the given rates, and the armable step and heartbeat stalls).
-Clients send ``--requests`` completions (streamed and not) through the router
-while a seeded schedule injects, one at a time, every kind once per round:
+Clients send ``--requests`` requests (streamed and not) through the router, of
+the kinds users send (:data:`KINDS`: greedy completions, chat without
+``max_tokens``, stop strings, seeded sampling, long non-streamed answers),
+while a seeded schedule injects, one at a time, every fault kind once per round:
 
 * from inside: a worker step holding the GIL (``stall_step``), the NIXL
   heartbeat send holding it (``stall_notif``), on a random server;
@@ -16,8 +18,9 @@ Then it checks, and exits 1 if any check fails:
 * **no request hangs**: every request ends within the request budget (plus the
   client's slack);
 * **every answer is right or a clear error**: each 200 answer equals the decode
-  computing the same prompt itself (greedy, prefix cache bypassed); every other
-  answer is an HTTP error or a stream error event with a message;
+  computing the same request itself (prefix cache bypassed), reported per
+  request kind; every other answer is an HTTP error or a stream error event
+  with a message;
 * **no KV blocks leak**: once the load is over and the leases have run out, every
   server's KV cache usage (vLLM's own ``vllm:kv_cache_usage_perc``) is back to 0,
   and the watch has no load or lease left open;
@@ -40,6 +43,7 @@ import signal
 import sys
 import threading
 import time
+import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,7 +56,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from integration.load import prompts
-from integration.stack import MODEL, Service, metric_samples, text_of
+from integration.stack import MODEL, Service, complete, metric_samples
 from watchdog_kv import faults
 
 __all__ = ["main"]
@@ -64,6 +68,42 @@ SERVERS = ("prefill-0", "decode-0", "decode-1")
 FAULT_ENV = "delay:0.3,drop:0.05,corrupt:0.05,stall_step:15,stall_notif:15"
 
 
+# The request kinds of the mix: endpoint, the request's own fields, weight in the mix.
+KINDS: dict[str, tuple[str, dict[str, Any], int]] = {
+    "greedy": ("/v1/completions", {"max_tokens": 24, "temperature": 0}, 6),
+    # chat without max_tokens: its budget is what the context leaves
+    "chat-no-max-tokens": ("/v1/chat/completions", {"temperature": 0}, 1),
+    "stop-strings": (
+        "/v1/completions",
+        {"max_tokens": 64, "temperature": 0, "stop": ["e ", "ing"]},
+        2,
+    ),
+    "seeded": (
+        "/v1/completions",
+        {"max_tokens": 48, "temperature": 0.8, "top_k": 40, "seed": 7},
+        2,
+    ),
+    # long and never streamed to the client: the router streams it from the decode
+    "long-whole": ("/v1/completions", {"max_tokens": 160, "temperature": 0, "ignore_eos": True}, 1),
+}
+
+
+def request_body(kind: str, prompt: str) -> tuple[str, dict[str, Any]]:
+    path, fields, _ = KINDS[kind]
+    if path.endswith("/chat/completions"):
+        return path, {"model": MODEL, "messages": [{"role": "user", "content": prompt}], **fields}
+    return path, {"model": MODEL, "prompt": prompt, **fields}
+
+
+def answer_text(body: dict[str, Any]) -> str | None:
+    choices = body.get("choices") or []
+    if not choices:
+        return None
+    if "message" in choices[0]:
+        return (choices[0]["message"] or {}).get("content")
+    return choices[0].get("text")
+
+
 @dataclass
 class Outcome:
     prompt: str
@@ -73,6 +113,7 @@ class Outcome:
     error: str | None = None
     seconds: float = 0.0
     recovery: str | None = None
+    kind: str = "greedy"
 
 
 @dataclass
@@ -87,21 +128,23 @@ class Soak:
 # --- clients ---------------------------------------------------------------------------------
 
 
-async def _one(http: aiohttp.ClientSession, url: str, prompt: str, stream: bool) -> Outcome:
-    body = {"model": MODEL, "prompt": prompt, "max_tokens": 24, "temperature": 0}
+async def _one(
+    http: aiohttp.ClientSession, url: str, prompt: str, stream: bool, kind: str
+) -> Outcome:
+    path, body = request_body(kind, prompt)
     if stream:
         body["stream"] = True
     t0 = time.monotonic()
-    out = Outcome(prompt, stream, 0)
+    out = Outcome(prompt, stream, 0, kind=kind)
     try:
-        async with http.post(f"{url}/v1/completions", json=body) as resp:
+        async with http.post(f"{url}{path}", json=body) as resp:
             out.status = resp.status
             out.recovery = resp.headers.get("X-Watchdog-Recovery")
             if resp.status != 200:
                 raw = await resp.text()
                 out.error = _message(raw) or f"HTTP {resp.status} with no message: {raw[:200]}"
             elif not stream:
-                out.text = text_of(await resp.json())
+                out.text = answer_text(await resp.json())
             else:
                 parts, done = [], False
                 async for line in resp.content:
@@ -116,7 +159,11 @@ async def _one(http: aiohttp.ClientSession, url: str, prompt: str, stream: bool)
                     if "error" in event:
                         out.error = _message(json.dumps(event)) or "stream error event"
                         break
-                    parts.extend(c.get("text") or "" for c in event.get("choices") or [])
+                    for c in event.get("choices") or []:
+                        delta = c.get("delta")
+                        parts.append(
+                            (delta or {}).get("content") or "" if delta else c.get("text") or ""
+                        )
                 if out.error is None:
                     out.text = "".join(parts)
                     if not done:
@@ -140,15 +187,17 @@ def _message(raw: str) -> str | None:
     return str(err) if err else None
 
 
-async def _clients(url: str, work: list[tuple[str, bool]], concurrency: int, soak: Soak, tick):
+async def _clients(
+    url: str, work: list[tuple[str, bool, str]], concurrency: int, soak: Soak, tick
+) -> None:
     queue = list(reversed(work))
     timeout = aiohttp.ClientTimeout(total=BUDGET_S + CLIENT_SLACK_S)
     async with aiohttp.ClientSession(timeout=timeout) as http:
 
         async def client() -> None:
             while queue:
-                prompt, stream = queue.pop()
-                soak.outcomes.append(await _one(http, url, prompt, stream))
+                prompt, stream, kind = queue.pop()
+                soak.outcomes.append(await _one(http, url, prompt, stream, kind))
                 tick()
 
         await asyncio.gather(*(client() for _ in range(concurrency)))
@@ -285,12 +334,18 @@ def check(svc: Service, soak: Soak, console: Console) -> None:
         time.sleep(1)
     console.print("[dim]computing the local references...[/]")
     wrong = []
-    references: dict[str, str] = {}
+    references: dict[tuple[str, str], str] = {}
+    exact: dict[str, Counter[str]] = {kind: Counter() for kind in KINDS}
     for o in answered:
-        if o.prompt not in references:
-            references[o.prompt] = svc.local("decode-0", o.prompt, max_tokens=24)
-        if o.text != references[o.prompt]:
+        key = (o.kind, o.prompt)
+        if key not in references:
+            references[key] = reference(svc, o.kind, o.prompt)
+        right = o.text == references[key]
+        exact[o.kind]["right" if right else "wrong"] += 1
+        if not right:
             wrong.append(o)
+    for o in errors:
+        exact[o.kind]["error"] += 1
     console.print(f"[dim]waiting for the KV leases ({LEASE_S} s) and restarts to settle...[/]")
     usage = wait_quiet(svc, timeout_s=LEASE_S * 3 + 240)
     leaked = {name: u for name, u in usage.items() if u != 0}
@@ -299,7 +354,10 @@ def check(svc: Service, soak: Soak, console: Console) -> None:
     soak.checks = {
         "requests": len(soak.outcomes),
         "answered_right": len(answered) - len(wrong),
-        "answered_wrong": [(o.prompt, o.text, references.get(o.prompt)) for o in wrong],
+        "answered_wrong": [
+            (o.kind, o.prompt, o.text, references.get((o.kind, o.prompt))) for o in wrong
+        ],
+        "exact_by_kind": {kind: dict(c) for kind, c in exact.items()},
         "clear_errors": Counter(_kind(o.error) for o in errors),
         "unclear_errors": [(o.status, o.prompt) for o in unclear],
         "hung": [o.prompt for o in hung],
@@ -322,6 +380,16 @@ def check(svc: Service, soak: Soak, console: Console) -> None:
         soak.failures.append(f"{len(internal)} watchdog error(s) in vLLM's logs")
 
 
+def reference(svc: Service, kind: str, prompt: str) -> str:
+    """decode-0 computing the same request itself, its prefix cache bypassed."""
+    path, body = request_body(kind, prompt)
+    body["cache_salt"] = uuid.uuid4().hex
+    code, answer, _ = complete(svc.server("decode-0")["url"], body, timeout=300, path=path)
+    if code != 200:
+        raise RuntimeError(f"reference request ({kind}) failed: {code} {answer}")
+    return answer_text(answer) or ""
+
+
 def _kind(error: str | None) -> str:
     text = (error or "").lower()
     for key in ("stalled", "budget", "did not answer", "unreachable", "restart", "connection"):
@@ -339,6 +407,12 @@ def table(soak: Soak) -> Table:
     t.add_row("requests", str(c["requests"]), "")
     t.add_row("answers equal to the local reference", str(c["answered_right"]), "")
     t.add_row("wrong answers", str(len(c["answered_wrong"])), "")
+    for kind, counts in c["exact_by_kind"].items():
+        t.add_row(
+            f"  {kind}",
+            f"{counts.get('right', 0)}/{counts.get('right', 0) + counts.get('wrong', 0)} exact",
+            f"{counts.get('error', 0)} clear errors",
+        )
     t.add_row(
         "clear errors",
         str(sum(c["clear_errors"].values())),
@@ -369,7 +443,11 @@ def table(soak: Soak) -> Table:
 def run(args: argparse.Namespace, console: Console) -> Soak:
     rng = random.Random(args.seed)
     soak = Soak()
-    work = [(p, rng.random() < 0.5) for p in prompts(rng, args.requests)]
+    kinds = rng.choices(list(KINDS), weights=[w for _, _, w in KINDS.values()], k=args.requests)
+    work = [
+        (p, kind != "long-whole" and rng.random() < 0.5, kind)
+        for p, kind in zip(prompts(rng, args.requests), kinds, strict=True)
+    ]
     svc = Service(
         "soak",
         args.out / "run",

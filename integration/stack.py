@@ -59,11 +59,15 @@ def stock_plugins() -> str:
 
 
 def complete(
-    url: str, body: Mapping[str, Any], timeout: float = 120, headers: Mapping[str, str] = {}
+    url: str,
+    body: Mapping[str, Any],
+    timeout: float = 120,
+    headers: Mapping[str, str] = {},
+    path: str = "/v1/completions",
 ) -> tuple[int, dict[str, Any], float]:
-    """POST ``/v1/completions``: (status, JSON body, seconds). A timeout is status 0."""
+    """POST ``path``: (status, JSON body, seconds). A timeout is status 0."""
     req = urllib.request.Request(
-        f"{url}/v1/completions",
+        f"{url}{path}",
         json.dumps(dict(body)).encode(),
         {"content-type": "application/json", **headers},
     )
