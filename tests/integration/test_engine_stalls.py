@@ -8,10 +8,13 @@
 * a decode engine core stopped with SIGSTOP while it has a request;
 * a data-parallel server (two engine ranks) with one rank stopped.
 
-In every case vLLM's own ``/health`` keeps answering 200 (checked), while the
-router's ``/watchdog/health`` says the server is not progressing; the requests
-caught in the stall get a 503 naming it within the deadline instead of hanging,
-and after the stall the server answers correctly again.
+In every case vLLM's own ``/health`` tells the truth with the plugin (503 naming
+the stall while no rank of the server can serve; 200 while another rank can),
+and the router's ``/watchdog/health`` says the server is not progressing. The
+requests caught in the stall are moved to a healthy rank when there is one
+(answered as if nothing happened, also for clients that talk to vLLM directly);
+otherwise they get a 503 naming it within the deadline instead of hanging.
+After the stall the server answers correctly again.
 """
 
 from __future__ import annotations
@@ -132,9 +135,10 @@ def wait_incident(svc, stall: dict, timeout: float = 60) -> Path:
     pytest.fail(f"no incident written for {stall['message']}")
 
 
-def stock_health(svc, server: str) -> int:
+def stock_health(svc, server: str) -> tuple[int, dict]:
+    """vLLM's own ``/health`` of ``server`` (with the plugin's guard in its API server)."""
     url = svc.status()["servers"][server]["url"]
-    return http_json(f"{url}/health", timeout=10)[0]
+    return http_json(f"{url}/health", timeout=10)
 
 
 def report(name: str, seconds: float) -> None:
@@ -157,8 +161,9 @@ def test_worker_step_holding_the_gil_is_detected_and_named(service):
     assert code == 503, body
     assert "stalled" in body["error"]["message"] and "decode-0" in body["error"]["message"]
     assert elapsed < STEP_FLOOR_S + DETECTION_SLACK_S
-    # vLLM's own health still says 200; ours says not progressing
-    assert stock_health(service, "decode-0") == 200
+    # vLLM's own health says what is wrong (without the plugin: 200 throughout)
+    code, body = stock_health(service, "decode-0")
+    assert code == 503 and "every engine rank is stalled" in body["error"]["message"], body
     code, health = health_soon(service)
     assert code == 503 and health["failing"] == {"decode-0": ["progressing"]}
     assert health["servers"]["decode-0"]["live"] and health["servers"]["decode-0"]["ready"]
@@ -196,7 +201,8 @@ def test_heartbeat_stall_is_named_to_the_nixl_notification_send(service):
     assert not armed.exists(), "no heartbeat was sent in four hand-offs"
     assert code == 503, body
     assert "start_load_kv" in body["error"]["message"]
-    assert stock_health(service, "decode-0") == 200
+    code, health = stock_health(service, "decode-0")
+    assert code == 503 and "start_load_kv" in health["error"]["message"], health
     stalls = new_stalls(service, before)
     connector = new_stalls(service, before, lambda s: s["phase"] == "connector")
     assert connector and connector[0]["what"] == "start_load_kv"
@@ -239,7 +245,9 @@ def test_stopped_decode_engine_is_detected_and_its_request_failed_fast(service):
         assert not thread.is_alive(), "the request hung with its engine stopped"
         code, body, _ = result["answer"]
         assert code == 503 and "stalled" in body["error"]["message"], body
-        assert stock_health(service, "decode-0") == 200
+        code, body = stock_health(service, "decode-0")
+        assert code == 503 and "every engine rank is stalled" in body["error"]["message"], body
+        assert f"pid {engine}" in body["error"]["message"], body
         code, health = health_soon(service, "?probe=progress")
         assert code == 503 and "decode-0" in health["failing"]
         stalls = new_stalls(service, before, lambda s: s["pid"] == engine)
@@ -271,8 +279,13 @@ def dp(tmp_path_factory):
 
 
 def test_data_parallel_stalled_rank_is_named_and_its_requests_served_by_the_other(dp):
+    """Rank 1 stopped: the requests vLLM's balancer gave it are moved to rank 0 once
+    the stall is seen, inside the API server -- so a client that talks to vLLM
+    directly, not through the router, gets its answer too -- and new ones avoid it;
+    vLLM's ``/health`` stays 200 (rank 0 serves) and the router's ``ready`` too."""
     prompt = "Data parallel: rank one is stopped."
     reference = text_of(complete(dp.url, prompt)[1])
+    vllm_url = dp.status()["servers"]["dp-0"]["url"]
     engines = {
         r["rank"]: r["pid"]
         for r in dp.status()["processes"]
@@ -284,7 +297,7 @@ def test_data_parallel_stalled_rank_is_named_and_its_requests_served_by_the_othe
     answers: list[tuple[int, dict, float]] = []
     try:
         workers = [
-            threading.Thread(target=lambda i=i: answers.append(complete(dp.url, prompt)))
+            threading.Thread(target=lambda i=i: answers.append(complete(vllm_url, prompt)))
             for i in range(6)
         ]
         for w in workers:
@@ -293,23 +306,24 @@ def test_data_parallel_stalled_rank_is_named_and_its_requests_served_by_the_othe
         for w in workers:
             w.join(timeout=STEP_FLOOR_S + 30)
         assert len(answers) == 6, "a request hung"
-        # the ones the balancer gave rank 1 are failed fast by the API server's guard,
-        # naming the rank, and the router's ladder sends them again: rank 0 answers all
         assert all(code == 200 for code, _, _ in answers), [a[:2] for a in answers]
         assert all(text_of(body) == reference for _, body, _ in answers)
         assert max(elapsed for _, _, elapsed in answers) < STEP_FLOOR_S + DETECTION_SLACK_S + 2
-        assert dp.status()["router"]["recoveries"].get("decode_retry", 0) >= 1
-        retried = [
-            e for e in events(dp.stderr_path.read_text()) if e["event"] == "request.decode_failed"
-        ]
-        assert retried and all("engine rank 1 stalled" in e["error"] for e in retried)
-        assert stock_health(dp, "dp-0") == 200
+        log = Path(dp.status()["servers"]["dp-0"]["log"]).read_text()
+        moved = [e for e in events(log) if e.get("event") == "step.request_moved"]
+        assert moved and all(e["from_rank"] == 1 and e["to_rank"] == 0 for e in moved), moved
+        assert stock_health(dp, "dp-0")[0] == 200  # rank 0 serves
         stalls = new_stalls(dp, 0)
         assert stalls and stalls[0]["rank"] == 1 and stalls[0]["pid"] == engines[1]
+        code, health = http_json(f"{dp.url}/watchdog/health")  # the monitor has seen it
+        assert code == 200 and health["ready"] and not health["healthy"], health
+        assert health["servers"]["dp-0"]["serving"] and health["failing"] == {
+            "dp-0": ["progressing"]
+        }
         report("data-parallel rank stopped", stalls[0]["detected_wall"] - stopped_at)
         # while rank 1 stays stopped, every new request is served by rank 0
-        for _ in range(4):
-            code, body, _ = complete(dp.url, prompt)
+        for url in (vllm_url, dp.url, dp.url, dp.url):
+            code, body, _ = complete(url, prompt)
             assert code == 200 and text_of(body) == reference
         text = run_report(wait_incident(dp, stalls[0]))
         assert f"culprit: pid {engines[1]} (EngineCore_DP1), role engine_core, rank 1" in text

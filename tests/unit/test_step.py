@@ -408,3 +408,41 @@ def test_a_step_starved_of_cpu_is_slow_not_stuck(tmp_path):
         for p in (proc, hog):
             p.kill()
             p.wait()
+
+
+def test_vllm_health_of_a_dead_engine_names_the_processes_gone(tmp_path):
+    """vLLM answers /health with an empty 503 once its engine is dead; with the guard
+    the 503 says which process of the server is gone (and keeps vLLM's words, which
+    the router reads as "engine dead")."""
+    from types import SimpleNamespace
+
+    from watchdog_kv.step.front import FrontGuard
+
+    exceptions = pytest.importorskip("vllm.v1.engine.exceptions", reason="vLLM is not here")
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    api_server = procrecords.StatusRecord(
+        pid=os.getpid(),
+        ppid=os.getppid(),
+        role="api_server",
+        rank=None,
+        process_name="MainProcess",
+        server="decode-0",
+    )
+    procrecords.write_record(tmp_path, api_server)
+    procrecords.write_record(
+        tmp_path,
+        procrecords.StatusRecord(
+            pid=gone.pid,
+            ppid=os.getpid(),
+            role="engine_core",
+            rank=0,
+            process_name="EngineCore",
+            server="decode-0",
+        ),
+    )
+    guard = SimpleNamespace(pid=os.getpid(), settings=SimpleNamespace(state_dir=tmp_path))
+    detail = FrontGuard._dead_detail(guard, exceptions.EngineDeadError())
+    assert "EngineCore encountered an issue" in detail
+    assert f"gone: engine_core pid {gone.pid} (EngineCore)" in detail
+    assert FrontGuard._dead_detail(guard, RuntimeError("not ours to explain")) is None

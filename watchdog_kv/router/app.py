@@ -8,9 +8,11 @@
 ``GET /health``             200 while the service can answer (a decode, or the plain
                             server, is ready and progressing); the body names the
                             servers that are not ("degraded"); else 503
-``GET /watchdog/health``    live / ready / progressing per server, told apart, with
-                            the stalls seen; 503 if any server fails a check;
-                            ``?probe=live|ready|progress`` checks one
+``GET /watchdog/health``    the service's verdicts told apart -- ``live``, ``ready``
+                            (the default: some route can answer), ``healthy`` (every
+                            server live, ready and progressing) -- with per-server
+                            detail and the stalls seen; ``?probe=live|ready|healthy``
+                            answers 200/503 on that one
 ``GET /metrics``            Prometheus: deadline misses, recoveries by kind, KV transfer
                             and engine step durations (``docs/tracing.md``)
 ``GET /watchdog/status``    servers (pid, state, url, log, restarts and their causes),
@@ -48,7 +50,9 @@ _log = get_logger("watchdog_kv.router")
 _HTTP = web.AppKey("http", aiohttp.ClientSession)
 
 
-_PROBES = {"live": ("live",), "ready": ("live", "ready"), "progress": ("progressing",)}
+_PROBES = ("live", "ready", "healthy")
+_ALIASES = {"progress": "healthy"}  # the name an earlier release used
+_GONE = ("failed", "stopped")  # server states that do not come back by themselves
 
 
 def _unhealthy(health: dict[str, Any], checks: tuple[str, ...]) -> dict[str, list[str]]:
@@ -98,6 +102,28 @@ def _text_of(response: web.StreamResponse) -> str | None:
     if text is None:
         text = (choice.get("message") or {}).get("content")
     return text if isinstance(text, str) else None
+
+
+def _verdicts(
+    backends: Backends, traffic: _Traffic
+) -> tuple[dict[str, bool], dict[str, Any], dict[str, list[str]]]:
+    """The service's three answers, per-server detail, and the checks each server fails.
+
+    * live -- the service is up and can serve again without an operator: some
+      server of the serving role is running, starting or restarting;
+    * ready -- a request sent now can be answered: start-up is done, some
+      serving server is available (ready, not stalled), and it is not draining;
+    * healthy -- ready, and every server is live, ready and progressing.
+    """
+    detail = backends.health()
+    role = backends.serving_role()
+    serving = {b.name for b in backends.available(role)}
+    for name, h in detail.items():
+        h["serving"] = name in serving
+    failing = _unhealthy(detail, ("live", "ready", "progressing"))
+    live = any(h.get("state") not in _GONE for h in detail.values() if h.get("role") == role)
+    ready = backends.ready() and bool(serving) and not traffic.draining
+    return {"live": live, "ready": ready, "healthy": ready and not failing}, detail, failing
 
 
 def build_app(backends: Backends, settings: Settings) -> web.Application:
@@ -207,11 +233,9 @@ def build_app(backends: Backends, settings: Settings) -> web.Application:
             )
 
     async def health(_: web.Request) -> web.Response:
-        detail = backends.health()
+        verdicts, detail, failing = _verdicts(backends, traffic)
         states = {n: h["state"] for n, h in detail.items()}
-        failing = _unhealthy(detail, ("live", "ready", "progressing"))
-        serving = backends.available(backends.serving_role())
-        ok = backends.ready() and bool(serving) and not traffic.draining
+        ok = verdicts["ready"]
         status = "draining" if traffic.draining else "unavailable"
         if ok:
             status = "degraded" if failing else "ok"
@@ -221,19 +245,24 @@ def build_app(backends: Backends, settings: Settings) -> web.Application:
         return web.json_response(body, status=200 if ok else 503)
 
     async def watchdog_health(request: web.Request) -> web.Response:
-        probe = request.query.get("probe")
-        if probe is not None and probe not in _PROBES:
+        probe = request.query.get("probe", "ready")
+        probe = _ALIASES.get(probe, probe)
+        if probe not in _PROBES:
             return error_response(
                 400,
                 f"unknown probe {probe!r}; expected one of {', '.join(_PROBES)}",
                 "bad_request",
             )
-        detail = backends.health()
-        checks = _PROBES[probe] if probe else ("live", "ready", "progressing")
-        failing = _unhealthy(detail, checks)
+        verdicts, detail, failing = _verdicts(backends, traffic)
         return web.json_response(
-            {"ok": not failing, "checks": list(checks), "failing": failing, "servers": detail},
-            status=503 if failing or not detail else 200,
+            {
+                "ok": verdicts[probe],
+                "probe": probe,
+                **verdicts,
+                "failing": failing,
+                "servers": detail,
+            },
+            status=200 if verdicts[probe] else 503,
         )
 
     async def watchdog_status(_: web.Request) -> web.Response:

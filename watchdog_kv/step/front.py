@@ -11,20 +11,33 @@ every ``WATCHDOG_KV_MONITOR_INTERVAL``:
 2. reads the beacons of its own engine cores and their workers (its child
    processes) and finds the stalled ones, with the monitor's own rules;
 3. on a newly stalled rank, unless the action is ``observe``: every request
-   in flight on that rank is failed at once with HTTP 503 and a message naming
-   the rank, the phase and the deadline (a streamed response gets an error
-   event, then ``[DONE]``), and vLLM is told to abort it there. While the rank
-   stays stalled, new requests go to another data-parallel rank; with no rank
-   left, they are refused with 503 at once instead of hanging.
+   in flight on that rank that has not produced anything yet is *moved* to a
+   healthy data-parallel rank -- aborted on the stalled engine and sent again,
+   under a new internal id, to the healthy one, its client none the wiser
+   (:meth:`FrontGuard._move`); the rest (a request already streaming tokens, one
+   pinned to its rank, one of n > 1, or any when no rank is left) is failed at
+   once with HTTP 503 and a message naming the rank, the phase and the deadline
+   (a streamed response gets an error event, then ``[DONE]``; the router
+   continues such a stream on a healthy rank), and vLLM is told to abort it
+   there. While the rank stays stalled, new requests go to another rank; with
+   no rank left, they are refused with 503 at once instead of hanging.
 
-It never touches vLLM's state from its own thread: the failing runs on the API
-server's event loop, through vLLM's own calls (``RequestOutputCollector.put``,
-``AsyncLLM.abort``).
+vLLM's own ``/health`` tells the truth with the guard in place
+(``AsyncLLM.check_health``): 503 naming the stalls while every rank of the
+server is stalled, and 503 naming the processes that are gone once its engine
+is dead (vLLM's own answer to that is an empty 503).
+
+It never touches vLLM's state from its own thread: the moving and failing run
+on the API server's event loop, through vLLM's own calls
+(``RequestOutputCollector.put``, ``AsyncLLM.abort``, the client's
+``add_request_async``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import copy
+import itertools
 import os
 import threading
 import time
@@ -77,7 +90,10 @@ class FrontGuard:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._patches = InstancePatches()
+        self._submitted: dict[str, Any] = {}  # request id -> the EngineCoreRequest sent
+        self._moves = itertools.count(1)
         self._route_around()
+        self._tell_health()
         self._thread = threads.start(self._run, "wkv-front-guard")
 
     # -- the loop ---------------------------------------------------------------------------
@@ -140,29 +156,122 @@ class FrontGuard:
         for rank, stall in new.items():
             _log.error("step.rank_stalled", dp_rank=rank, message=stall.describe())
             if self.settings.stall_action != "observe":
-                asyncio.run_coroutine_threadsafe(self._fail_rank(rank, stall), self.loop)
+                asyncio.run_coroutine_threadsafe(self._act_on_rank(rank, stall), self.loop)
 
     # -- acting (on the event loop) -----------------------------------------------------------
-    async def _fail_rank(self, rank: int, stall: Stall) -> None:
+    async def _act_on_rank(self, rank: int, stall: Stall) -> None:
+        """Move what can be moved off a newly stalled rank; fail the rest with 503."""
         failed: list[str] = []
+        moved: list[tuple[str, Any]] = []
+        client = self.engine.engine_core
+        engine = rank.to_bytes(2, "little")
         with contained("step.fail_rank"):
             ids = [rid for rid, r in self._requests_by_rank().items() if r == rank]
             message = (
                 f"watchdog_kv: engine rank {rank} stalled: {stall.describe()}; the request was "
                 "failed instead of waiting for it"
             )
+            healthy = self._healthy_engines(client)
             for rid in ids:
+                new = None
+                if healthy:
+                    with contained("step.move_request"):
+                        new = self._move(client, rid, engine)
+                if new is not None:
+                    moved.append((rid, new))
+                    continue
                 state = self.engine.output_processor.request_states.get(rid)
                 queue = getattr(state, "queue", None)
                 if queue is not None:
                     queue.put(_stalled_error(message))
                     failed.append(rid)
+            if failed or moved:
+                self._unacked[rank] = (len(failed) + len(moved), time.monotonic())
             if failed:
-                self._unacked[rank] = (len(failed), time.monotonic())
-            _log.warning("step.requests_failed", dp_rank=rank, requests=len(failed), status=503)
+                _log.warning("step.requests_failed", dp_rank=rank, requests=len(failed), status=503)
+        if moved:
+            await self._send_moved(client, engine, rank, moved)
         if failed:
             with contained("step.abort_failed_requests"):  # our own task: nothing to hand back
                 await self.engine.abort(failed, internal=True)
+
+    def _healthy_engines(self, client: Any) -> list[bytes]:
+        stalled = set(self.stalled)
+        return [
+            e
+            for e in getattr(client, "core_engines", [])
+            if int.from_bytes(e, "little") not in stalled
+        ]
+
+    def _move(self, client: Any, rid: str, engine: bytes) -> Any:
+        """Take request ``rid`` off the stalled ``engine`` in vLLM's books, under a new
+        internal id, and return the request to send in its place -- or None when it
+        cannot be moved without the client seeing it: it has produced output already
+        (its tokens came from the stalled engine), it is one of n > 1, it was pinned to
+        its rank, or it was never seen here. Synchronous: no output can arrive between
+        the re-keying steps."""
+        import msgspec
+
+        request = self._submitted.get(rid)
+        processor = self.engine.output_processor
+        state = processor.request_states.get(rid)
+        if (
+            request is None
+            or state is None
+            or not state.is_prefilling
+            or state.parent_req is not None
+            or getattr(request, "data_parallel_rank", None) is not None
+            or client.reqs_in_flight.get(rid) != engine
+        ):
+            return None
+        new_id = f"{rid}-wkvm{next(self._moves)}"
+        params = request.sampling_params
+        extra = getattr(params, "extra_args", None)
+        if isinstance(extra, dict) and "kv_transfer_params" in extra:
+            # the stalled rank may have begun to pull the KV: the new one computes it
+            params = copy.copy(params)
+            params.extra_args = {k: v for k, v in extra.items() if k != "kv_transfer_params"}
+        replacement = msgspec.structs.replace(request, request_id=new_id, sampling_params=params)
+        client.reqs_in_flight.pop(rid, None)
+        client.engine_inflight[engine] -= 1
+        processor.request_states[new_id] = processor.request_states.pop(rid)
+        state.request_id = new_id
+        siblings = processor.external_req_ids.get(state.external_req_id)
+        if siblings is not None:
+            siblings[:] = [new_id if i == rid else i for i in siblings]
+        if state.queue is not None:
+            state.queue.request_id = new_id  # a client that leaves aborts the new one
+        self._submitted.pop(rid, None)
+        return replacement
+
+    async def _send_moved(
+        self, client: Any, engine: bytes, rank: int, moved: list[tuple[str, Any]]
+    ) -> None:
+        with contained("step.abort_moved_requests"):
+            await client._abort_requests([rid for rid, _ in moved], engine)
+        for rid, request in moved:
+            try:
+                await client.add_request_async(request)
+            except Exception as exc:  # the healthy rank would not take it: the client is told
+                _log.warning("step.move_failed", request_id=rid, error=f"{exc}")
+                state = self.engine.output_processor.request_states.get(request.request_id)
+                if getattr(state, "queue", None) is not None:
+                    state.queue.put(
+                        _stalled_error(
+                            f"watchdog_kv: engine rank {rank} stalled; moving the "
+                            f"request to another rank failed: {exc}"
+                        )
+                    )
+                continue
+            _log.info(
+                "step.request_moved",
+                request_id=rid,
+                new_request_id=request.request_id,
+                from_rank=rank,
+                to_rank=int.from_bytes(
+                    client.reqs_in_flight.get(request.request_id, b""), "little"
+                ),
+            )
 
     def _route_around(self) -> None:
         """New requests avoid stalled ranks; with none left they get 503 at once."""
@@ -191,9 +300,57 @@ class FrontGuard:
                 outcome = self._reroute(client, request, engine)
             if isinstance(outcome, Exception):
                 raise outcome
+            with contained("step.remember_request"):
+                self._remember(client, request)
             return outcome
 
         self._patches.replace(client, "get_core_engine_for_request", get_core_engine_for_request)
+
+    def _remember(self, client: Any, request: Any) -> None:
+        """Keep the request sent, to send it again elsewhere should its rank stall;
+        forget the ones vLLM is done with (they have left ``reqs_in_flight``)."""
+        self._submitted[request.request_id] = request
+        if len(self._submitted) > 2 * len(client.reqs_in_flight) + 64:
+            for rid in [r for r in self._submitted if r not in client.reqs_in_flight]:
+                self._submitted.pop(rid, None)
+
+    def _tell_health(self) -> None:
+        """vLLM's ``/health`` answers 503, naming the stalls, while no rank can serve."""
+        original = getattr(self.engine, "check_health", None)
+        if original is None:
+            return
+
+        async def check_health() -> None:
+            refusal = None
+            with contained("step.health"):
+                refusal = self._refusal()
+            if refusal is not None:
+                raise refusal
+            try:
+                await original()
+            except Exception as exc:
+                detail = None
+                with contained("step.health"):
+                    detail = self._dead_detail(exc)
+                if detail is None:
+                    raise
+                raise _stalled_error(detail) from exc
+
+        self._patches.replace(self.engine, "check_health", check_health)
+
+    def _dead_detail(self, exc: BaseException) -> str | None:
+        """vLLM's engine-dead error with the processes of this server that are gone
+        named (vLLM's own /health answers it with an empty 503); None for others."""
+        if type(exc).__name__ != "EngineDeadError":
+            return None
+        records = procrecords.read_records(self.settings.state_dir)
+        gone = [
+            f"{r.get('role')} pid {r['pid']} ({r.get('process_name') or '?'})"
+            for r in _descendants(records, self.pid)
+            if not r.get("alive")
+        ]
+        what = f"; gone: {', '.join(gone)}" if gone else ""
+        return f"{exc} (watchdog_kv: this server's engine is dead{what})"
 
     def _current_stalls(self) -> dict[int, Stall]:
         """The stalled ranks, re-checked now: a rank whose stalled process has moved
