@@ -8,7 +8,8 @@ that dies of SIGILL in its model step (``crash_step``, the way vLLM's AMX
 kernel dies without tile permission) is a crash: the request is answered by
 another (or the restarted) decode and never sent to the dead engine again, the
 crash incident names the signal and the frame, and a server that crashes the
-same way twice in a row is marked failed with that diagnosis.
+same way twice in a row is marked failed with that diagnosis. Decodes killed
+mid-answer, for every request kind: tests/integration/test_continuation.py.
 
 The decodes' steps are slowed (``slow_step``, :func:`held_in_flight`) wherever a
 test must act while a request is still being decoded, so none of this depends
@@ -121,22 +122,6 @@ def wait_state(svc, name: str, check, timeout_s: float) -> dict:
 def kill_tree(pid: int) -> None:
     """kill -9 of a whole vLLM server (its API server's process group): the machine is gone."""
     os.killpg(os.getpgid(pid), signal.SIGKILL)
-
-
-@pytest.mark.parametrize("chat", [False, True], ids=["completions", "chat"])
-def test_decode_killed_mid_stream_the_stream_completes_identical(resilient, chat):
-    """The simplest continuation, in the service whose other tests kill and crash its
-    servers (tests/integration/test_continuation.py has every request kind)."""
-    from .test_continuation import both_decodes_ready, finish_reasons, killed_mid_stream, restarted
-
-    svc = resilient
-    both_decodes_ready(svc)
-    path, body = long_request(chat)
-    reference, _ = stream(svc.url, path, body)
-    got, _, killed = killed_mid_stream(svc, path, body, at=30)
-    assert text_of(got, chat) == text_of(reference, chat)
-    assert finish_reasons(got) == ["length"] and got[-1] == {"done": True}
-    restarted(svc, killed)
 
 
 def test_prefill_killed_requests_complete_then_it_is_back(resilient):
