@@ -16,6 +16,7 @@ import json
 import os
 import signal
 import threading
+import time
 import urllib.error
 import urllib.request
 
@@ -25,6 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from .conftest import (
     base_env,
     held_in_flight,
+    http_json,
     requires_vllm,
     start_service,
     stop_service,
@@ -35,12 +37,16 @@ from .test_resilience import DECODES, long_request, server, stream, text_of, wai
 pytestmark = [pytest.mark.vllm, requires_vllm]
 
 
+IDLE_S = 6  # the decode timeout: silence, not the whole answer (which takes longer here)
+
+
 @pytest.fixture(scope="module")
 def continued(tmp_path_factory):
     env = base_env(
         WATCHDOG_KV_RESTART_LIMIT="50",
         WATCHDOG_KV_RESTART_BACKOFF="0.5",
         WATCHDOG_KV_FAULT="slow_step:0.02",
+        WATCHDOG_KV_DECODE_IDLE_TIMEOUT=str(IDLE_S),
     )
     svc = start_service(tmp_path_factory.mktemp("continuation-run"), env, "--decode", "2")
     yield svc
@@ -82,9 +88,14 @@ def killed_mid_stream(svc, path: str, body: dict, at: int) -> tuple[list[dict], 
 
 
 def restarted(svc, killed: dict) -> None:
-    """The killed decode is restarted, and says why."""
+    """The killed decode is restarted, and says why; meanwhile the service is ready (the
+    other decode answers: a load balancer keeps it) but not fully healthy."""
     state = wait_state(svc, killed["name"], lambda s: len(s["restarts"]) > killed["restarts"], 30)
     assert state["restarts"][-1]["cause"] == "exited with signal SIGKILL"
+    code, health = http_json(f"{svc.url}/watchdog/health")
+    if health["servers"][killed["name"]]["state"] != "ready":  # (it may be back already)
+        assert code == 200 and health["ready"] and not health["healthy"], health
+        assert http_json(f"{svc.url}/watchdog/health?probe=healthy")[0] == 503
 
 
 def finish_reasons(events_: list[dict]) -> list:
@@ -249,3 +260,22 @@ def test_decode_killed_mid_answer_a_whole_answer_is_continued_identical(continue
     if chat:
         assert set(answer["choices"][0]["message"]) == set(direct["choices"][0]["message"])
     restarted(svc, killed)
+
+
+def test_a_whole_answer_longer_than_the_decode_timeout_is_not_cut(continued):
+    """The decode timeout of a non-streamed request is silence, not the whole answer:
+    an answer that takes longer than it (its steps slowed) arrives untouched, with no
+    retry -- before, it was redone on every decode and ended in a 504."""
+    svc = continued
+    both_decodes_ready(svc)
+    path, body = long_request(False)
+    body = {k: v for k, v in body.items() if k not in ("stream", "stream_options")}
+    body["max_tokens"] = 450
+    with held_in_flight(svc, *DECODES):
+        t0 = time.monotonic()
+        answer, headers = post(svc.url + path, body)
+        took = time.monotonic() - t0
+    assert took > IDLE_S + 2, f"the answer took {took:.1f} s: too fast to show anything"
+    assert headers["X-Watchdog-Recovery"] == "none"
+    assert answer["usage"]["completion_tokens"] == 450
+    assert answer["choices"][0]["finish_reason"] == "length"

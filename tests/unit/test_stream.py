@@ -234,7 +234,10 @@ def continuation_of(path, body, record, kept=2):
     async def aligned(_http, _backend):
         return kept
 
-    relay._aligned = aligned
+    async def text_of(_http, _backend, ids):  # the sent tokens' text: what was sent
+        return relay.text
+
+    relay._aligned, relay._text_of = aligned, text_of
     return run(relay._continuation(None, Backend("decode-1", "u")))
 
 
@@ -326,6 +329,12 @@ def test_a_whole_answer_is_assembled_from_the_stream():
         (True, {"messages": [], "logprobs": False}, None),
         (False, {"prompt": "p", "presence_penalty": 0.5}, "presence or frequency penalty"),
         (False, {"prompt": "p", "frequency_penalty": 0.0}, None),
+        (
+            True,
+            {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
+            "non-text input (a continuation carries token ids only)",
+        ),
+        (True, {"messages": [{"role": "user", "content": [{"type": "text", "text": "x"}]}]}, None),
         (True, {"messages": [], "logprobs": True}, "logprobs"),
         (True, {"messages": [], "tools": [{"type": "function"}]}, "tools or structured output"),
         (
@@ -401,3 +410,112 @@ def test_no_server_available_names_every_one_and_why():
     assert kind == "server_stalled" and "decode-1 is restarting" in message
     kind, message = refusal({"decode-0": {"role": "decode", "state": "exited", "stalls": []}})
     assert kind == "service_unavailable" and "decode-0 is exited" in message
+
+
+def test_what_the_decode_sends_can_make_an_answer_uncontinuable():
+    """A reasoning parser's deltas, or text without its token ids (vLLM hides them with
+    some parser settings), cannot be carried: a clear error, never a doubled opening."""
+    relay = StreamRelay(None, "/v1/chat/completions", {"messages": [], "stream": True}, "r")
+    relay._record(chat_chunk("", [], role=True, prompt_ids=[1]))
+    assert relay.why_not is None
+    reasoning = chat_chunk(None, [7])
+    reasoning["choices"][0]["delta"] = {"reasoning": "hmm"}
+    relay._record(reasoning)
+    assert "reasoning" in relay.why_not
+    hidden = StreamRelay(None, "/v1/completions", {"prompt": "p"}, "r")
+    hidden._record(chunk("ab", None, prompt_ids=[1]))
+    assert hidden.started and hidden.why_not == "the decode sent text without its token ids"
+
+
+def test_a_continuation_with_stop_strings_asks_for_its_text_uncut():
+    body = {"prompt": "p", "stream": True, "stop": ["END"], "max_tokens": 9}
+    got = continuation_of(
+        "/v1/completions", body, lambda r: r._record(chunk("ab", [4, 5], prompt_ids=[1]))
+    )
+    assert got["include_stop_str_in_output"] is True and got["stop"] == ["END"]
+
+
+# --- stop strings across a break, against vLLM's own detokenizer ---------------------------
+
+detokenizer = pytest.importorskip("vllm.v1.engine.detokenizer", reason="vLLM is not installed")
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+class PieceDetokenizer(detokenizer.BaseIncrementalDetokenizer):
+    """vLLM's incremental detokenizer (stop strings, hold-back, min_tokens) over tokens
+    whose text is given: token i reads ``pieces[i]``."""
+
+    def __init__(self, pieces, stop, min_tokens, include):
+        from types import SimpleNamespace
+
+        params = SimpleNamespace(
+            stop=stop, min_tokens=min_tokens, include_stop_str_in_output=include
+        )
+        super().__init__(SimpleNamespace(sampling_params=params))
+        self.pieces, self.token_ids = pieces, []
+
+    def decode_next(self, token_id):
+        return self.pieces[token_id]
+
+    def num_output_tokens(self):
+        return len(self.token_ids)
+
+
+def vllm_stream(pieces, tokens, stop, min_tokens, include, max_tokens, last=True):
+    """The chunks vLLM streams for ``tokens`` (one per step): (text, ids, finish, reason)."""
+    det = PieceDetokenizer(pieces, stop, min_tokens, include)
+    out, kept = [], 0
+    for i, token in enumerate(tokens):
+        matched = det.update([token], False)
+        finish = "stop" if matched else None
+        if not finish and (
+            det.num_output_tokens() >= max_tokens or (last and i == len(tokens) - 1)
+        ):
+            finish = "length"
+        ids = [token][: det.num_output_tokens() - kept]
+        kept = det.num_output_tokens()
+        out.append((det.get_next_output_text(finish is not None, True), ids, finish, matched))
+        if finish:
+            break
+    return out
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    pieces=st.lists(st.text("abXY", min_size=1, max_size=3), min_size=2, max_size=10),
+    stop=st.lists(st.text("abXY", min_size=1, max_size=4), min_size=1, max_size=2),
+    min_tokens=st.integers(0, 3),
+    include=st.booleans(),
+    data=st.data(),
+)
+def test_an_answer_broken_anywhere_ends_where_vllm_ends_it(pieces, stop, min_tokens, include, data):
+    """The decode dies after k tokens; the continuation (its own vLLM, asked for its text
+    uncut) is relayed: text, finish, stop_reason and token count are vLLM's undisturbed."""
+    tokens = list(range(len(pieces)))
+    k = data.draw(st.integers(1, len(pieces) - 1))
+    reference = vllm_stream(pieces, tokens, stop, min_tokens, include, 100)
+    first = vllm_stream(pieces, tokens[:k], stop, min_tokens, include, 100, last=False)
+    if first[-1][2]:
+        return  # it ended before the break: nothing to continue
+    body = {"prompt": "p", "stream": True, "stop": stop, "max_tokens": 100}
+    body.update(min_tokens=min_tokens, include_stop_str_in_output=include)
+    relay = StreamRelay(None, "/v1/completions", body, "r")
+    for i, (text, ids, _, _) in enumerate(first):
+        relay._record(chunk(text, ids, prompt_ids=[99] if i == 0 else None))
+    # what _continuation finds: the held-back text, where stop strings start to count
+    generated = "".join(pieces[:k])
+    relay._pending = "" if include else generated[len(relay.text) :]
+    if 0 < min_tokens <= k:
+        relay._min_offset = len("".join(pieces[:min_tokens]))
+    relay.continuations = 1
+    events = captured(relay)
+    rest = vllm_stream(pieces, tokens[k:], stop, max(0, min_tokens - k), True, 100 - k)
+    for text, ids, finish, matched in rest:
+        if run(relay._continued(cont(text, ids, finish, matched))) or finish:
+            break
+    run(relay._close())
+    assert isinstance(events[-1], str)
+    assert relay.text == "".join(text for text, *_ in reference)
+    assert (relay.finish, relay.stop_reason) == (reference[-1][2], reference[-1][3])
+    assert len(relay.emitted) == sum(len(ids) for _, ids, _, _ in reference)

@@ -169,12 +169,27 @@ def not_continuable(chat: bool, body: dict[str, Any], seeds_replayed: bool = Tru
         return "tools or structured output"
     if not chat and several_prompts("/v1/completions", body) is not None:
         return "several prompts"
+    if body.get("prompt_embeds") is not None or (chat and _multimodal(body)):
+        return "non-text input (a continuation carries token ids only)"
     for key, why in _OUTPUT_DEPENDENT.items():
         if body.get(key) not in (None, 0, 0.0, False, {}):
             return why
     if body.get("seed") is not None and _sampled(body) and not seeds_replayed:
         return "a seed, with decodes that run without the plugin (it replays the draws)"
     return None
+
+
+def _multimodal(body: dict[str, Any]) -> bool:
+    """Does a chat request carry content parts other than text (images, audio...)?"""
+    messages = body.get("messages")
+    for message in messages if isinstance(messages, list) else []:
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, list) and any(
+            not (isinstance(part, dict) and part.get("type") in ("text", "input_text"))
+            for part in content
+        ):
+            return True
+    return False
 
 
 class StreamRelay:
@@ -227,7 +242,7 @@ class StreamRelay:
     @property
     def started(self) -> bool:
         """Is there progress to continue from? (Until then a failure is a plain retry.)"""
-        return bool(self.emitted) or self.response is not None
+        return bool(self.emitted or self.text or self._extra) or self.response is not None
 
     @property
     def committed(self) -> bool:
@@ -351,6 +366,7 @@ class StreamRelay:
         for choice in choices:
             ids = choice.get("token_ids") or []
             self.emitted.extend(ids)
+            self._note_uncontinuable(choice, ids)
             if not self.chat and self.prompt_ids is None and choice.get("prompt_token_ids"):
                 self.prompt_ids = list(choice["prompt_token_ids"])
             if self.chat:
@@ -373,6 +389,23 @@ class StreamRelay:
             if not self.client_ids and all(_empty_delta(c) for c in choices):
                 return False  # sent by vLLM only because token ids were asked for
         return True
+
+    def _note_uncontinuable(self, choice: dict[str, Any], ids: list[int]) -> None:
+        """What the decode sends can make an answer uncontinuable, whatever the request
+        said: a reasoning or tool parser's output (its state is not carried), or text
+        whose token ids were not sent (vLLM hides them with some parser settings)."""
+        if self.why_not:
+            return
+        delta = choice.get("delta") or {}
+        if self.chat and (
+            delta.get("tool_calls")
+            or any(
+                isinstance(v, str) and v for k, v in delta.items() if k not in ("role", "content")
+            )
+        ):
+            self.why_not = "reasoning or tool-call output (its parser's state is not carried)"
+        elif not ids and (choice.get("text") or delta.get("content")):
+            self.why_not = "the decode sent text without its token ids"
 
     # -- a continuation's events -----------------------------------------------------------
     async def _continued(self, event: dict[str, Any]) -> bool:
@@ -489,8 +522,13 @@ class StreamRelay:
             )
         kept = await self._aligned(http, backend)
         self.emitted = self.emitted[:kept]
-        if self._stops and not self._include_stop:
-            self._pending = await self._held_back(http, backend)
+        if self._stops:
+            if not self._include_stop:
+                self._pending = await self._held_back(http, backend)
+            if 0 < self._min_tokens <= len(self.emitted):  # stop strings count after it
+                self._min_offset = len(
+                    await self._text_of(http, backend, self.emitted[: self._min_tokens])
+                )
         body: dict[str, Any] = {k: self.body[k] for k in CONTINUED_FIELDS if k in self.body}
         body.update(
             model=self.body.get("model"),
@@ -498,6 +536,10 @@ class StreamRelay:
             stream=True,
             return_token_ids=True,
         )
+        if self._stops:
+            # its text whole and uncut, token by token: the router matches the stop
+            # strings (across the break too), holds back and cuts as vLLM would
+            body["include_stop_str_in_output"] = True
         budget = self._budget()
         if budget is None:  # what the context allows, as vLLM computed it for the request
             budget = await _max_model_len(http, backend, self.body.get("model"))
@@ -539,8 +581,8 @@ class StreamRelay:
         held back because it could begin a stop string."""
         if not self.emitted:
             return ""
-        full = await _detokenize(http, backend, self.body.get("model"), self.emitted)
-        if full is None or not full.startswith(self.text):
+        full = await self._text_of(http, backend, self.emitted)
+        if not full.startswith(self.text):
             raise HandoffError(
                 502,
                 "cannot continue exactly: the text of the tokens sent does not begin with "
@@ -549,6 +591,18 @@ class StreamRelay:
                 "decode_failed",
             )
         return full[len(self.text) :]
+
+    async def _text_of(self, http: aiohttp.ClientSession, backend: Backend, ids: list[int]) -> str:
+        """The text of generated tokens ``ids`` as they read after the prompt (a
+        tokenizer may drop a leading space of text decoded on its own)."""
+        model = self.body.get("model")
+        context = (self.prompt_ids or [])[-_TAIL_TOKENS:]
+        head = await _detokenize(http, backend, model, context) if context else ""
+        full = await _detokenize(http, backend, model, [*context, *ids])
+        if head is not None and full is not None and full.startswith(head):
+            return full[len(head) :]
+        alone = await _detokenize(http, backend, model, ids)
+        return alone or ""
 
     # -- the client's end ---------------------------------------------------------------
     async def _close(self) -> web.StreamResponse:

@@ -51,7 +51,7 @@ from watchdog_kv.config import Settings
 from watchdog_kv.guard import contained
 from watchdog_kv.patching import InstancePatches
 from watchdog_kv.step.beacon import Beacon, beacon_path, depth, read_beacon
-from watchdog_kv.step.monitor import Stall, StallRules, engine_of
+from watchdog_kv.step.monitor import Stall, StallRules, engine_of, engine_rank
 from watchdog_kv.telemetry import get_logger
 
 __all__ = ["FrontGuard", "engine_rank"]
@@ -65,17 +65,6 @@ def _stalled_error(message: str) -> Exception:
 
     error: Exception = GracefulHTTPError(message, HTTPStatus.SERVICE_UNAVAILABLE)
     return error
-
-
-def engine_rank(stall: Stall, records: list[dict[str, Any]]) -> int:
-    """The data-parallel rank a stalled process serves (a worker: its engine core's)."""
-    if stall.role == "engine_core":
-        return int(stall.rank or 0)
-    by_pid = {int(r["pid"]): r for r in records}
-    parent = by_pid.get(int(by_pid.get(stall.pid, {}).get("ppid", -1)))
-    if parent is not None and parent.get("role") == "engine_core":
-        return int(parent.get("rank") or 0)
-    return 0
 
 
 class FrontGuard:
@@ -220,6 +209,8 @@ class FrontGuard:
             or state is None
             or not state.is_prefilling
             or state.parent_req is not None
+            or getattr(state, "streaming_input", False)
+            or getattr(request, "resumable", False)
             or getattr(request, "data_parallel_rank", None) is not None
             or client.reqs_in_flight.get(rid) != engine
         ):
@@ -250,11 +241,13 @@ class FrontGuard:
         with contained("step.abort_moved_requests"):
             await client._abort_requests([rid for rid, _ in moved], engine)
         for rid, request in moved:
+            state = self.engine.output_processor.request_states.get(request.request_id)
+            if state is None:  # its client left while the old one was being aborted
+                continue
             try:
                 await client.add_request_async(request)
             except Exception as exc:  # the healthy rank would not take it: the client is told
                 _log.warning("step.move_failed", request_id=rid, error=f"{exc}")
-                state = self.engine.output_processor.request_states.get(request.request_id)
                 if getattr(state, "queue", None) is not None:
                     state.queue.put(
                         _stalled_error(
@@ -262,6 +255,8 @@ class FrontGuard:
                             f"request to another rank failed: {exc}"
                         )
                     )
+                with contained("step.abort_moved_request"):  # nothing may keep it
+                    await self.engine.abort(request.request_id, internal=True)
                 continue
             _log.info(
                 "step.request_moved",

@@ -34,7 +34,7 @@ from watchdog_kv.step.beacon import BeaconView, Phase, read_beacons
 from watchdog_kv.step.evidence import collect_incident
 from watchdog_kv.telemetry import get_logger
 
-__all__ = ["Monitor", "Stall", "StallRules", "engine_of", "find_stalls"]
+__all__ = ["Monitor", "Stall", "StallRules", "engine_of", "engine_rank", "find_stalls"]
 
 _log = get_logger("watchdog_kv.step")
 
@@ -378,3 +378,14 @@ def _fields(stall: Stall) -> dict[str, Any]:
         "elapsed_s": stall.elapsed_s,
         "deadline_s": stall.deadline_s,
     }
+
+
+def engine_rank(stall: Stall, records: list[dict[str, Any]]) -> int:
+    """The data-parallel rank a stalled process serves (a worker: its engine core's)."""
+    if stall.role == "engine_core":
+        return int(stall.rank or 0)
+    by_pid = {int(r["pid"]): r for r in records}
+    parent = by_pid.get(int(by_pid.get(stall.pid, {}).get("ppid", -1)))
+    if parent is not None and parent.get("role") == "engine_core":
+        return int(parent.get("rank") or 0)
+    return 0

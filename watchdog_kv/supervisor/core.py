@@ -51,7 +51,7 @@ from watchdog_kv import process as procrecords
 from watchdog_kv.config import Settings
 from watchdog_kv.crash.incident import Crash
 from watchdog_kv.router.handoff import Backend
-from watchdog_kv.step.monitor import Monitor, Stall
+from watchdog_kv.step.monitor import Monitor, Stall, engine_rank
 from watchdog_kv.supervisor import deaths, ports
 from watchdog_kv.supervisor.launch import LocalServer, ServerProcess
 from watchdog_kv.supervisor.progress import StartupProgress
@@ -771,17 +771,22 @@ class Supervisor:
     def available(self, role: str) -> list[Backend]:
         """Servers of ``role`` that can take a request now: ready and, unless the stall
         action is observe, not stalled. A data-parallel (plain) server with a stalled
-        rank stays available: its API server's guard sends new requests to the other
-        ranks, and refuses them at once when every rank is stalled."""
+        rank stays available while another rank is not: its API server's guard sends
+        new requests to the other ranks."""
         out = []
         for srv in self.servers.values():
             if srv.spec.role != role or srv.state != "ready" or srv.proc.poll() is not None:
                 continue
-            watched = self.settings.stall_action != "observe" and role != "plain"
-            if watched and self.stalls(srv.spec.name):
+            stalls = self.stalls(srv.spec.name) if self.settings.stall_action != "observe" else []
+            if stalls and (role != "plain" or self._every_rank_stalled(stalls)):
                 continue
             out.append(Backend(srv.spec.name, srv.proc.url, srv.starts))
         return out
+
+    def _every_rank_stalled(self, stalls: list[Stall]) -> bool:
+        records = procrecords.read_records(self.settings.state_dir)
+        ranks = {engine_rank(stall, records) for stall in stalls}
+        return len(ranks) >= max(1, self.options.data_parallel_size)
 
     async def wait_available(self, role: str, timeout_s: float) -> list[Backend]:
         """Servers of ``role`` available within ``timeout_s`` (e.g. one restarting);
