@@ -255,4 +255,3 @@ def test_decode_killed_mid_answer_a_whole_answer_is_continued_identical(continue
     if chat:
         assert set(answer["choices"][0]["message"]) == set(direct["choices"][0]["message"])
     restarted(svc, killed)
-
