@@ -75,16 +75,21 @@ def held_in_flight(svc, *servers: str):
             faults.disarm(svc.run_dir, server, "slow_step")
 
 
-def requests_running(url: str) -> float:
-    """vLLM's own gauge of the requests its engine is running (``/metrics``)."""
+def vllm_metric(url: str, sample: str) -> float:
+    """The sum of vLLM's own ``/metrics`` samples named ``sample`` (over their labels)."""
     with urllib.request.urlopen(f"{url}/metrics", timeout=10) as resp:
         text = resp.read().decode()
     return sum(
-        sample.value
+        s.value
         for family in text_string_to_metric_families(text)
-        for sample in family.samples
-        if sample.name == "vllm:num_requests_running"
+        for s in family.samples
+        if s.name == sample
     )
+
+
+def requests_running(url: str) -> float:
+    """vLLM's own gauge of the requests its engine is running."""
+    return vllm_metric(url, "vllm:num_requests_running")
 
 
 def wait_running(svc, server: str, timeout_s: float = 60) -> float:

@@ -20,7 +20,6 @@ import urllib.error
 import urllib.request
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from .conftest import (
     base_env,
@@ -29,6 +28,7 @@ from .conftest import (
     requires_vllm,
     start_service,
     stop_service,
+    vllm_metric,
     wait_until,
 )
 from .test_resilience import DECODES, long_request, server, stream, text_of, wait_state
@@ -179,15 +179,8 @@ def test_a_stream_that_cannot_be_continued_ends_with_a_clear_error(continued):
 
 
 def tokens_generated(url: str) -> float:
-    """vLLM's own count of the tokens its engine generated (``/metrics``)."""
-    with urllib.request.urlopen(f"{url}/metrics", timeout=10) as resp:
-        text = resp.read().decode()
-    return sum(
-        sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-        if sample.name == "vllm:generation_tokens_total"
-    )
+    """vLLM's own count of the tokens its engine generated."""
+    return vllm_metric(url, "vllm:generation_tokens_total")
 
 
 def post(url: str, body: dict, check: bool = True) -> tuple[dict, dict]:

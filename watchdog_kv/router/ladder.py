@@ -237,12 +237,12 @@ class Ladder:
 
     # -- rungs 3 and 4 ---------------------------------------------------------------
     async def _decode(self, role: str, params: dict[str, Any] | None) -> web.StreamResponse:
-        stream: StreamRelay | None = StreamRelay(
+        relay = StreamRelay(
             self.request, self.path, self.body, self.request_id, self.settings.enabled
         )
-        if stream is not None and stream.whole and stream.why_not:
-            stream = None  # relayed whole: there is no progress to watch or continue from
-        self._stream = stream
+        # an answer that cannot be continued and is not streamed is relayed whole: there
+        # is no progress to watch or continue from
+        stream = self._stream = None if relay.whole and relay.why_not else relay
         failed: list[Backend] = []
         last: HandoffError | None = None
         while True:

@@ -740,17 +740,28 @@ def _empty_delta(choice: dict[str, Any]) -> bool:
     )
 
 
-async def _max_model_len(http: aiohttp.ClientSession, backend: Backend, model: Any) -> int:
-    """The context length ``backend`` serves ``model`` with (its ``/v1/models``)."""
+async def _ask(
+    http: aiohttp.ClientSession, backend: Backend, path: str, body: dict[str, Any] | None = None
+) -> Any:
+    """A small JSON call to ``backend`` (GET, or POST with ``body``); a server that
+    cannot answer it within 30 s is failing."""
     try:
-        async with http.get(
-            f"{backend.url}/v1/models", timeout=aiohttp.ClientTimeout(total=30)
+        async with http.request(
+            "GET" if body is None else "POST",
+            f"{backend.url}{path}",
+            json=body,
+            timeout=aiohttp.ClientTimeout(total=30),
         ) as resp:
             if resp.status != 200:
                 raise await relay_error(resp, backend)
-            data = await resp.json()
+            return await resp.json()
     except (TimeoutError, aiohttp.ClientError) as exc:
         raise no_answer("decode", backend, exc, 30) from None
+
+
+async def _max_model_len(http: aiohttp.ClientSession, backend: Backend, model: Any) -> int:
+    """The context length ``backend`` serves ``model`` with (its ``/v1/models``)."""
+    data = await _ask(http, backend, "/v1/models")
     cards = data.get("data") if isinstance(data, dict) else None
     known = [
         c
@@ -771,16 +782,6 @@ async def _max_model_len(http: aiohttp.ClientSession, backend: Backend, model: A
 async def _detokenize(
     http: aiohttp.ClientSession, backend: Backend, model: Any, ids: list[int]
 ) -> str | None:
-    """The text of ``ids`` by ``backend``'s tokenizer; a server that cannot say is failing."""
-    try:
-        async with http.post(
-            f"{backend.url}/detokenize",
-            json={"model": model, "tokens": ids},
-            timeout=aiohttp.ClientTimeout(total=30),
-        ) as resp:
-            if resp.status != 200:
-                raise await relay_error(resp, backend)
-            data = await resp.json()
-    except (TimeoutError, aiohttp.ClientError) as exc:
-        raise no_answer("decode", backend, exc, 30) from None
+    """The text of ``ids`` by ``backend``'s tokenizer."""
+    data = await _ask(http, backend, "/detokenize", {"model": model, "tokens": ids})
     return data.get("prompt") if isinstance(data, dict) else None

@@ -160,7 +160,7 @@ class FrontGuard:
                 f"watchdog_kv: engine rank {rank} stalled: {stall.describe()}; the request was "
                 "failed instead of waiting for it"
             )
-            healthy = self._healthy_engines(client)
+            healthy = self._healthy_engines(client, set(self.stalled))
             for rid in ids:
                 new = None
                 if healthy:
@@ -184,8 +184,9 @@ class FrontGuard:
             with contained("step.abort_failed_requests"):  # our own task: nothing to hand back
                 await self.engine.abort(failed, internal=True)
 
-    def _healthy_engines(self, client: Any) -> list[bytes]:
-        stalled = set(self.stalled)
+    @staticmethod
+    def _healthy_engines(client: Any, stalled: Any) -> list[bytes]:
+        """The engines of ``client`` whose rank is not in ``stalled``."""
         return [
             e
             for e in getattr(client, "core_engines", [])
@@ -365,7 +366,7 @@ class FrontGuard:
         rank = int.from_bytes(engine, "little")
         if rank not in stalled:
             return engine
-        healthy = [e for e in client.core_engines if int.from_bytes(e, "little") not in stalled]
+        healthy = self._healthy_engines(client, stalled)
         if not healthy or getattr(request, "data_parallel_rank", None) is not None:
             client.reqs_in_flight.pop(request.request_id, None)
             client.engine_inflight[engine] -= 1
