@@ -358,8 +358,8 @@ def _doctor(args: argparse.Namespace, settings: config.Settings) -> int:
 def _report(args: argparse.Namespace) -> int:
     import json
 
-    from watchdog_kv.crash import incident as crashes
-    from watchdog_kv.step import report as stalls
+    from watchdog_kv.monitor import crashes
+    from watchdog_kv.monitor import report as stalls
 
     if not args.dir.is_dir():
         print(f"watchdog-kv: {args.dir} is not a directory", file=sys.stderr)
@@ -390,7 +390,7 @@ def _monitor(args: argparse.Namespace, settings: config.Settings) -> int:
     import signal
     import threading
 
-    from watchdog_kv.step.monitor import Monitor
+    from watchdog_kv.monitor.watcher import Monitor
 
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 
 from watchdog_kv.kv.lease import LEASE_PARAM
-from watchdog_kv.step.evidence import process_state
+from watchdog_kv.monitor.evidence import process_state
 
 from .conftest import (
     base_env,

@@ -22,7 +22,8 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from watchdog_kv import cli, process
-from watchdog_kv.crash import incident, record
+from watchdog_kv.crash import record
+from watchdog_kv.monitor import crashes as incident
 from watchdog_kv.supervisor import deaths
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -561,7 +562,7 @@ def test_a_death_during_a_stall_restart_is_still_handled_as_a_death(tmp_path):
     """A stall restart is taking its evidence when the server's engine dies: the death's
     own work is not scheduled (one restart at a time), so the stall restart hands over."""
     from watchdog_kv import config
-    from watchdog_kv.step.monitor import Stall
+    from watchdog_kv.stalls import Stall
     from watchdog_kv.supervisor.core import ServeOptions, Supervisor, _Server
     from watchdog_kv.supervisor.servers import ServerSpec
 

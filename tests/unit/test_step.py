@@ -19,11 +19,12 @@ import time
 import pytest
 
 from watchdog_kv import process as procrecords
-from watchdog_kv.step.beacon import RING_SLOTS, Beacon, Phase, read_beacon
+from watchdog_kv.beacon import RING_SLOTS, Beacon, Phase, read_beacon
 from watchdog_kv.step.deadlines import Kind, Limits, StepDeadlines
-from watchdog_kv.step.evidence import process_state
-from watchdog_kv.step.monitor import Monitor, find_stalls
-from watchdog_kv.step.report import build_report, render
+from watchdog_kv.monitor.evidence import process_state
+from watchdog_kv.monitor.watcher import Monitor
+from watchdog_kv.stalls import find_stalls
+from watchdog_kv.monitor.report import build_report, render
 
 LIMITS = {
     Kind.STARTUP: Limits(60, 900),
@@ -123,7 +124,7 @@ WATCHED = textwrap.dedent(
     import os, sys, time
     from pathlib import Path
     from watchdog_kv import faults, process
-    from watchdog_kv.step.beacon import Beacon, Phase
+    from watchdog_kv.beacon import Beacon, Phase
 
     state = Path(sys.argv[1])
     process.write_record(state, process.StatusRecord(
@@ -361,7 +362,7 @@ STARVED = textwrap.dedent(
     import os, sys
     from pathlib import Path
     from watchdog_kv import process
-    from watchdog_kv.step.beacon import Beacon, Phase
+    from watchdog_kv.beacon import Beacon, Phase
 
     os.sched_setaffinity(0, {0})
     os.nice(19)
@@ -392,7 +393,7 @@ def test_a_step_starved_of_cpu_is_slow_not_stuck(tmp_path):
     )
     try:
         assert proc.stdout.readline().strip() == "in step"
-        from watchdog_kv.step.monitor import StallRules
+        from watchdog_kv.stalls import StallRules
 
         rules = StallRules()
         recs = procrecords.read_records(tmp_path / "state")

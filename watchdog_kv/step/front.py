@@ -50,8 +50,8 @@ from watchdog_kv import threads
 from watchdog_kv.config import Settings
 from watchdog_kv.guard import contained
 from watchdog_kv.patching import InstancePatches
-from watchdog_kv.step.beacon import Beacon, beacon_path, depth, read_beacon
-from watchdog_kv.step.monitor import Stall, StallRules, engine_of, engine_rank
+from watchdog_kv.beacon import Beacon, beacon_path, depth, read_beacon
+from watchdog_kv.stalls import Stall, StallRules, engine_of, engine_rank
 from watchdog_kv.telemetry import get_logger
 
 __all__ = ["FrontGuard", "engine_rank"]

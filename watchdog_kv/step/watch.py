@@ -30,7 +30,7 @@ from typing import Any
 from watchdog_kv import faults
 from watchdog_kv.config import Settings
 from watchdog_kv.guard import contained
-from watchdog_kv.step.beacon import Beacon, Phase
+from watchdog_kv.beacon import Beacon, Phase
 from watchdog_kv.step.deadlines import Kind, Limits, StepDeadlines
 from watchdog_kv.telemetry import get_logger, metrics
 

@@ -15,7 +15,7 @@ server exits, or an engine core or worker of it is gone (a crash: see
 :mod:`watchdog_kv.supervisor.deaths`; the crash incident is written first, and
 a server that crashes twice in a row with the same signal in the same frame is
 marked failed with that diagnosis instead of being restarted again);
-the step watchdog's monitor (:mod:`watchdog_kv.step.monitor`, run here, outside
+the step watchdog's monitor (:mod:`watchdog_kv.monitor.watcher`, run here, outside
 every vLLM process) makes health honest (:meth:`Supervisor.health`: live, ready
 and progressing per server) and, under ``WATCHDOG_KV_STALL_ACTION=restart``, a
 stalled server is restarted once its incident is written. A restart kills what
@@ -49,9 +49,10 @@ from tenacity import (
 
 from watchdog_kv import process as procrecords
 from watchdog_kv.config import Settings
-from watchdog_kv.crash.incident import Crash
+from watchdog_kv.monitor.crashes import Crash
 from watchdog_kv.router.handoff import Backend
-from watchdog_kv.step.monitor import Monitor, Stall, engine_rank
+from watchdog_kv.monitor.watcher import Monitor
+from watchdog_kv.stalls import Stall, engine_rank
 from watchdog_kv.supervisor import deaths, ports
 from watchdog_kv.supervisor.launch import LocalServer, ServerProcess
 from watchdog_kv.supervisor.progress import StartupProgress

@@ -9,7 +9,7 @@ writes (``role``, ``server``, ``registered_at``); a zombie, or a pid reused by a
 newer process (told by its start time), counts as gone; a record made on
 another host (another boot id) is not judged here.
 
-:func:`examine` names the culprit (:func:`watchdog_kv.crash.incident.diagnose`)
+:func:`examine` names the culprit (:func:`watchdog_kv.monitor.crashes.diagnose`)
 and writes a crash incident when the death has a signal or took an engine;
 :func:`same_crash_again` is the rule that stops a crash loop: a server whose
 crash has the same signal and frame as its previous one is not restarted
@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from watchdog_kv import process
-from watchdog_kv.crash.incident import Crash, around_death, diagnose, write_incident
+from watchdog_kv.monitor.crashes import Crash, around_death, diagnose, write_incident
 from watchdog_kv.telemetry import get_logger
 
 __all__ = ["ENGINE_ROLES", "dead_engines", "examine", "log_since", "same_crash_again"]

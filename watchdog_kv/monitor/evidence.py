@@ -16,7 +16,7 @@ one:
 
 An incident is one directory holding ``incident.json`` (the stall and the
 processes of the affected server) and ``proc-<pid>.json`` per process.
-``watchdog-kv report`` reads them back (see :mod:`watchdog_kv.step.report`).
+``watchdog-kv report`` reads them back (see :mod:`watchdog_kv.monitor.report`).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from watchdog_kv.process import process_state, write_json
-from watchdog_kv.step.beacon import beacon_path, read_beacon
+from watchdog_kv.beacon import beacon_path, read_beacon
 
 __all__ = ["collect_incident", "dump_stacks", "process_state", "py_spy_path"]
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from watchdog_kv.step.beacon import depth
+from watchdog_kv.beacon import depth
 
 __all__ = ["Culprit", "Incident", "build_report", "find_culprit", "load_incidents", "render"]
 
@@ -83,7 +83,7 @@ def load_incidents(folder: Path) -> list[Incident]:
     for path in dirs:
         head = json.loads((path / "incident.json").read_text())
         if head.get("kind", "stall") != "stall":
-            continue  # a crash incident (watchdog_kv.crash.incident)
+            continue  # a crash incident (watchdog_kv.monitor.crashes)
         procs: dict[int, dict[str, Any]] = {}
         for proc_file in sorted(path.glob("proc-*.json")):
             data = json.loads(proc_file.read_text())
