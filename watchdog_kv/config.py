@@ -1,14 +1,20 @@
 """Configuration: every ``WATCHDOG_KV_*`` environment variable, parsed once.
 
-All settings live in :data:`VARIABLES`, one :class:`Variable` per name, with its
-parser, default, unit and the sentence the docs print for it. :func:`load`
-turns an environment mapping into one frozen :class:`Settings` object.
+Each variable is declared once, as a field of :class:`Settings`::
+
+    step_cap_s: float = _setting(<name>, SECONDS, 300.0, <doc>, not_below="step_floor_s")
+
+That declaration carries the variable's name, its :class:`Kind` (parser, accepted
+values, unit), its default and the sentence the docs print for it. Everything else
+is derived from it: the dataclass default, :data:`VARIABLES` (one :class:`Variable`
+per name, in declaration order), :func:`load`, the error messages, the
+``watchdog-kv config`` listing and :func:`markdown_table`.
 
 Two mistakes stop start-up with :class:`ConfigError`, whose message names the
 variable and what it accepts:
 
 * a value the parser rejects (``WATCHDOG_KV_ENABLED=maybe``);
-* a ``WATCHDOG_KV_*`` name that is not in the table (a typo such as
+* a ``WATCHDOG_KV_*`` name that is not declared (a typo such as
   ``WATCHDOG_KV_ENABLD``), so a misspelt setting is never silently ignored.
 
 ``docs/configuration.md`` lists the same table; a test keeps the two in step.
@@ -16,21 +22,23 @@ variable and what it accepts:
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import os
 import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
-from watchdog_kv.faults import FaultPlan, parse_faults
+from watchdog_kv.faults import FAULT_KINDS, FaultPlan, parse_faults
 
 __all__ = [
     "OTEL_PROTOCOLS",
     "PREFIX",
     "VARIABLES",
     "ConfigError",
+    "Kind",
     "OtelSettings",
     "Settings",
     "Variable",
@@ -42,6 +50,9 @@ __all__ = [
 ]
 
 PREFIX = "WATCHDOG_KV_"
+
+_T = TypeVar("_T")
+_T_co = TypeVar("_T_co", covariant=True)
 
 
 class ConfigError(ValueError):
@@ -62,16 +73,6 @@ def _parse_bool(raw: str) -> bool:
     if value in _FALSE:
         return False
     raise ValueError(f"expected one of {', '.join(_TRUE + _FALSE)}")
-
-
-def _choice(*choices: str) -> Callable[[str], str]:
-    def parse(raw: str) -> str:
-        value = raw.strip().lower()
-        if value not in choices:
-            raise ValueError(f"expected one of {', '.join(choices)}")
-        return value
-
-    return parse
 
 
 def positive_seconds(raw: str) -> float:
@@ -95,6 +96,13 @@ def _positive_number(raw: str) -> float:
     return value
 
 
+def _slack(raw: str) -> float:
+    value = _positive_number(raw)
+    if value < 1:
+        raise ValueError("a deadline below the longest step seen would flag healthy steps")
+    return value
+
+
 def _int(raw: str) -> int:
     try:
         return int(raw.strip())
@@ -112,10 +120,6 @@ def _non_negative_int(raw: str) -> int:
     return value
 
 
-def _faults(raw: str) -> FaultPlan:
-    return parse_faults(raw)
-
-
 def _path(raw: str) -> Path:
     value = raw.strip()
     if not value:
@@ -130,6 +134,46 @@ def _name(raw: str) -> str:
     return value
 
 
+# --- kinds: a parser together with what it accepts and the unit of its value.
+
+
+@dataclass(frozen=True)
+class Kind(Generic[_T_co]):
+    """How one type of value is read: its parser, what it accepts, its unit."""
+
+    parse: Callable[[str], _T_co]
+    accepted: str
+    unit: str = ""
+
+
+def _choice(*choices: str) -> Kind[str]:
+    def parse(raw: str) -> str:
+        value = raw.strip().lower()
+        if value not in choices:
+            raise ValueError(f"expected one of {', '.join(choices)}")
+        return value
+
+    return Kind(parse, ", ".join(choices))
+
+
+BOOL = Kind(_parse_bool, ", ".join(s for pair in zip(_TRUE, _FALSE, strict=True) for s in pair))
+SECONDS = Kind(positive_seconds, "a number of seconds greater than 0", "s")
+MEGABYTES_PER_S = Kind(_positive_number, "a number greater than 0", "MB/s")
+MICROSECONDS = Kind(_non_negative_int, "a whole number of microseconds, 0 or more", "µs")
+SLACK = Kind(_slack, "a number, 1 or more")
+COUNT = Kind(_non_negative_int, "a whole number, 0 or more")
+INT = Kind(_int, "a whole number")
+DIRECTORY = Kind(_path, "a directory path")
+NAME = Kind(_name, "a name of letters, digits, '-', '_' or '.'")
+FAULTS = Kind(  # <s>: seconds, <p>: probability
+    parse_faults,
+    "comma-separated "
+    + ", ".join(
+        k if unit == "flag" else f"{k}:<{unit[0]}>" for k, (unit, _) in FAULT_KINDS.items()
+    ),
+)
+
+
 def default_state_dir() -> Path:
     """``$XDG_RUNTIME_DIR/watchdog_kv-<uid>``, else the same under the temp dir."""
     base = os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
@@ -141,368 +185,53 @@ def _default_cache_dir() -> Path:
     return Path(base) / "watchdog_kv"
 
 
+# --- declaring a variable: a dataclass field whose metadata says how to read it.
+# _setting and _computed_setting return a dataclasses.Field, made per instance as
+# field() does; ruff's RUF009 cannot see that, hence its noqa on fields of class types.
+
+_DECLARATION = "watchdog_kv.variable"
+
+
 @dataclass(frozen=True)
-class Variable:
-    """One environment variable: its name, how it parses, its default and its doc line."""
-
+class _Declaration:
     name: str
-    attr: str
-    parse: Callable[[str], Any]
-    default: Callable[[], Any]
-    default_doc: str
-    accepted: str
+    kind: Kind[object]
     doc: str
-    unit: str = ""
+    default_doc: str | None
+    not_below: str | None  # the attribute of the floor this value may not be below
 
 
-VARIABLES: tuple[Variable, ...] = (
-    Variable(
-        name="WATCHDOG_KV_ENABLED",
-        attr="enabled",
-        parse=_parse_bool,
-        default=lambda: True,
-        default_doc="1",
-        accepted="1, 0, true, false, yes, no, on, off",
-        doc="Master switch. With 0 the plugin installs no hook, writes no status "
-        "record and costs nothing beyond one log line.",
-    ),
-    Variable(
-        name="WATCHDOG_KV_LOG_LEVEL",
-        attr="log_level",
-        parse=_choice("debug", "info", "warning", "error"),
-        default=lambda: "info",
-        default_doc="info",
-        accepted="debug, info, warning, error",
-        doc="Lowest level of watchdog_kv's own log events (vLLM's logging is untouched).",
-    ),
-    Variable(
-        name="WATCHDOG_KV_LOG_FORMAT",
-        attr="log_format",
-        parse=_choice("auto", "json", "console"),
-        default=lambda: "auto",
-        default_doc="auto",
-        accepted="auto, json, console",
-        doc="Log rendering: one JSON object per line, or coloured key=value for "
-        "people. auto picks console on a terminal and JSON otherwise.",
-    ),
-    Variable(
-        name="WATCHDOG_KV_STATE_DIR",
-        attr="state_dir",
-        parse=_path,
-        default=default_state_dir,
-        default_doc="$XDG_RUNTIME_DIR/watchdog_kv-<uid> (or the temp dir)",
-        accepted="a directory path",
-        doc="Where each watched process writes its status record "
-        "(procs/<pid>.json). The supervisor sets one per run.",
-    ),
-    Variable(
-        name="WATCHDOG_KV_CACHE_DIR",
-        attr="cache_dir",
-        parse=_path,
-        default=_default_cache_dir,
-        default_doc="$XDG_CACHE_HOME/watchdog_kv (or ~/.cache/watchdog_kv)",
-        accepted="a directory path",
-        doc="Where the embedded tiny model is built once and reused.",
-    ),
-    Variable(
-        name="WATCHDOG_KV_SERVER",
-        attr="server",
-        parse=_name,
-        default=lambda: None,
-        default_doc="unset",
-        accepted="a name of letters, digits, '-', '_' or '.'",
-        doc="Name of the vLLM server a process belongs to (prefill-0, decode-0, ...). "
-        "Set by the supervisor on the servers it starts; recorded in status records.",
-    ),
-    Variable(
-        name="WATCHDOG_KV_PREFILL_TIMEOUT",
-        attr="prefill_timeout_s",
-        parse=positive_seconds,
-        default=lambda: 120.0,
-        default_doc="120",
-        accepted="a number of seconds greater than 0",
-        unit="s",
-        doc="Router: longest wait for a prefill server's answer before the client "
-        "gets a 504 naming the prefill server.",
-    ),
-    Variable(
-        name="WATCHDOG_KV_DECODE_IDLE_TIMEOUT",
-        attr="decode_idle_timeout_s",
-        parse=positive_seconds,
-        default=lambda: 120.0,
-        default_doc="120",
-        accepted="a number of seconds greater than 0",
-        unit="s",
-        doc="Router: longest silence from a decode server (before its first token or "
-        "between tokens -- the router streams every answer it can continue from the "
-        "decode, whether the client streams or not) before the decode counts as failed: "
-        "the answer is continued on another decode, or ended with a clear error. A "
-        "non-streamed answer that cannot be continued is bounded by "
-        "WATCHDOG_KV_REQUEST_BUDGET instead.",
-    ),
-    Variable(
-        name="WATCHDOG_KV_REQUEST_BUDGET",
-        attr="request_budget_s",
-        parse=positive_seconds,
-        default=lambda: 300.0,
-        default_doc="300",
-        accepted="a number of seconds greater than 0",
-        unit="s",
-        doc="Router: how long one request may spend on the recovery ladder (another "
-        "prefill, computing on the decode, another decode, waiting for a restarted one, "
-        "continuing a stream). Once spent, the client gets the last error.",
-    ),
-    Variable(
-        name="WATCHDOG_KV_DRAIN_TIMEOUT",
-        attr="drain_timeout_s",
-        parse=positive_seconds,
-        default=lambda: 30.0,
-        default_doc="30",
-        accepted="a number of seconds greater than 0",
-        unit="s",
-        doc="Supervisor, on SIGTERM or SIGINT: new requests get 503 at once and those in "
-        "flight have this long to finish before the servers are stopped.",
-    ),
-    Variable(
-        name="WATCHDOG_KV_KV_RECOVERY",
-        attr="kv_recovery",
-        parse=_choice("recompute", "fail"),
-        default=lambda: "recompute",
-        default_doc="recompute",
-        accepted="recompute, fail",
-        doc="Decode side, when a KV load misses its deadline, breaks or reads stale "
-        "blocks: recompute the prompt locally through vLLM's own recovery (same "
-        "output, more compute), or fail the request at once with a clear error.",
-    ),
-    Variable(
-        name="WATCHDOG_KV_KV_DEADLINE_FLOOR",
-        attr="kv_deadline_floor_s",
-        parse=positive_seconds,
-        default=lambda: 5.0,
-        default_doc="5",
-        accepted="a number of seconds greater than 0",
-        unit="s",
-        doc="Shortest deadline of any KV-load phase (handshake, first progress, "
-        "transfer, lease check): a small stuck load is caught after this long.",
-    ),
-    Variable(
-        name="WATCHDOG_KV_KV_DEADLINE_CAP",
-        attr="kv_deadline_cap_s",
-        parse=positive_seconds,
-        default=lambda: 120.0,
-        default_doc="120",
-        accepted="a number of seconds greater than 0 and not below the floor",
-        unit="s",
-        doc="Longest deadline of any KV-load phase, however big the transfer.",
-    ),
-    Variable(
-        name="WATCHDOG_KV_KV_ASSUMED_BANDWIDTH",
-        attr="kv_assumed_bandwidth_mbps",
-        parse=_positive_number,
-        default=lambda: 100.0,
-        default_doc="100",
-        accepted="a number greater than 0",
-        unit="MB/s",
-        doc="Bandwidth a transfer deadline assumes until transfers have been measured "
-        "in this process; after that, the slowest recent measured bandwidth is used.",
-    ),
-    Variable(
-        name="WATCHDOG_KV_KV_LEASE_CHECK",
-        attr="kv_lease_check",
-        parse=_parse_bool,
-        default=lambda: True,
-        default_doc="1",
-        accepted="1, 0, true, false, yes, no, on, off",
-        doc="Decode side: before KV read from a prefill is used, ask that prefill's "
-        "watchdog whether it kept the blocks through the read; if not (or no "
-        "answer in time) the prompt is recomputed. Needs watchdog_kv on the prefill.",
-    ),
-    Variable(
-        name="WATCHDOG_KV_NIXL_PROGRESS_DELAY_US",
-        attr="nixl_progress_delay_us",
-        parse=_non_negative_int,
-        default=lambda: 1000,
-        default_doc="1000",
-        accepted="a whole number of microseconds, 0 or more",
-        unit="µs",
-        doc="Poll timeout given to NIXL's UCX progress thread. NIXL 1.5's Python API "
-        "sets 0, which makes that thread spin a full core per vLLM worker even when "
-        "idle; the thread still wakes on UCX events. 0 leaves NIXL as it is.",
-    ),
-    Variable(
-        name="WATCHDOG_KV_STEP_FLOOR",
-        attr="step_floor_s",
-        parse=positive_seconds,
-        default=lambda: 10.0,
-        default_doc="10",
-        accepted="a number of seconds greater than 0",
-        unit="s",
-        doc="Shortest deadline of one engine or worker model step: a step that never "
-        "returns is caught after this long once steps are fast. (5 s flagged real "
-        "5-6.5 s steps on a 2-core machine running three vLLM servers.)",
-    ),
-    Variable(
-        name="WATCHDOG_KV_STEP_CAP",
-        attr="step_cap_s",
-        parse=positive_seconds,
-        default=lambda: 300.0,
-        default_doc="300",
-        accepted="a number of seconds greater than 0 and not below the floor",
-        unit="s",
-        doc="Longest deadline of one model step, however slow recent steps were "
-        "(vLLM's own execute-model timeout is 300 s).",
-    ),
-    Variable(
-        name="WATCHDOG_KV_STEP_SLACK",
-        attr="step_slack",
-        parse=_positive_number,
-        default=lambda: 4.0,
-        default_doc="4",
-        accepted="a number, 1 or more",
-        doc="A step, startup or connector-call deadline is this many times the longest "
-        "recent one of its kind (then held between its floor and cap).",
-    ),
-    Variable(
-        name="WATCHDOG_KV_CONNECTOR_FLOOR",
-        attr="connector_floor_s",
-        parse=positive_seconds,
-        default=lambda: 10.0,
-        default_doc="10",
-        accepted="a number of seconds greater than 0",
-        unit="s",
-        doc="Shortest deadline of one KV-connector call inside a worker step "
-        "(start_load_kv, get_transfer_results, wait_for_save...).",
-    ),
-    Variable(
-        name="WATCHDOG_KV_CONNECTOR_CAP",
-        attr="connector_cap_s",
-        parse=positive_seconds,
-        default=lambda: 120.0,
-        default_doc="120",
-        accepted="a number of seconds greater than 0 and not below the floor",
-        unit="s",
-        doc="Longest deadline of one KV-connector call.",
-    ),
-    Variable(
-        name="WATCHDOG_KV_STARTUP_FLOOR",
-        attr="startup_floor_s",
-        parse=positive_seconds,
-        default=lambda: 60.0,
-        default_doc="60",
-        accepted="a number of seconds greater than 0",
-        unit="s",
-        doc="Shortest deadline of an engine's or worker's start-up (model load, KV "
-        "cache, warm-up) and of its first steps.",
-    ),
-    Variable(
-        name="WATCHDOG_KV_STARTUP_CAP",
-        attr="startup_cap_s",
-        parse=positive_seconds,
-        default=lambda: 900.0,
-        default_doc="900",
-        accepted="a number of seconds greater than 0 and not below the floor",
-        unit="s",
-        doc="Longest start-up deadline; also the deadline of a server's first start, "
-        "before any start-up of it was measured.",
-    ),
-    Variable(
-        name="WATCHDOG_KV_STALL_ACTION",
-        attr="stall_action",
-        parse=_choice("observe", "abort", "restart"),
-        default=lambda: "abort",
-        default_doc="abort",
-        accepted="observe, abort, restart",
-        doc="What a detected stall does (docs/step-watchdog.md): observe only dumps and "
-        "reports (health says not progressing); abort also fails the stalled engine's "
-        "requests at once with a clear 503 and sends new ones to another data-parallel "
-        "rank, or refuses them; restart also has the supervisor restart the server.",
-    ),
-    Variable(
-        name="WATCHDOG_KV_RESTART_LIMIT",
-        attr="restart_limit",
-        parse=_non_negative_int,
-        default=lambda: 3,
-        default_doc="3",
-        accepted="a whole number, 0 or more",
-        doc="Supervisor: restarts in a row of one server (it exited, or stalled under "
-        "the restart action) before it gives up and reports the server failed. A server "
-        "ready for 10 minutes starts a new row.",
-    ),
-    Variable(
-        name="WATCHDOG_KV_RESTART_BACKOFF",
-        attr="restart_backoff_s",
-        parse=positive_seconds,
-        default=lambda: 2.0,
-        default_doc="2",
-        accepted="a number of seconds greater than 0",
-        unit="s",
-        doc="Supervisor: wait between failed restart attempts of a server; it doubles "
-        "with each further restart in a row, up to 60 s.",
-    ),
-    Variable(
-        name="WATCHDOG_KV_MONITOR_INTERVAL",
-        attr="monitor_interval_s",
-        parse=positive_seconds,
-        default=lambda: 0.25,
-        default_doc="0.25",
-        accepted="a number of seconds greater than 0",
-        unit="s",
-        doc="How often the monitor (and each API server's stall guard) reads the beacons.",
-    ),
-    Variable(
-        name="WATCHDOG_KV_DUMP_DIR",
-        attr="dump_dir",
-        parse=_path,
-        default=lambda: None,
-        default_doc="<state dir>/dumps",
-        accepted="a directory path",
-        doc="Where the monitor writes one incident directory per detected stall "
-        "(stacks, beacons, flight recorders); read them with watchdog-kv report.",
-    ),
-    Variable(
-        name="WATCHDOG_KV_TRACE_TEXT",
-        attr="trace_text",
-        parse=_parse_bool,
-        default=lambda: False,
-        default_doc="false",
-        accepted="true, false (also 1/0, yes/no, on/off)",
-        doc="Record prompt and output text on the router's request spans "
-        "(docs/tracing.md). Off: spans carry sizes and token counts, never text.",
-    ),
-    Variable(
-        name="WATCHDOG_KV_VLLM_TRACES",
-        attr="vllm_traces",
-        parse=_parse_bool,
-        default=lambda: True,
-        default_doc="true",
-        accepted="true, false (also 1/0, yes/no, on/off)",
-        doc="Supervisor: when tracing is on (an OTLP endpoint is set), start each vLLM "
-        "server with --otlp-traces-endpoint too, so vLLM's own request spans join the "
-        "router's traces.",
-    ),
-    Variable(
-        name="WATCHDOG_KV_FAULT",
-        attr="fault",
-        parse=_faults,
-        default=FaultPlan,
-        default_doc="unset (no fault)",
-        accepted="comma-separated delay:<s>, drop:<p>, corrupt:<p>, stall_handshake:<s>, "
-        "stall_step:<s>, stall_notif:<s>, crash_start, crash_step, slow_step:<s>",
-        doc="Fault injection for rehearsals (docs/kv-transfer.md, docs/step-watchdog.md). "
-        "Never set it in production.",
-    ),
-    Variable(
-        name="WATCHDOG_KV_FAULT_SEED",
-        attr="fault_seed",
-        parse=_int,
-        default=lambda: 0,
-        default_doc="0",
-        accepted="a whole number",
-        doc="Seed of the fault injection's random draws, so a rehearsal repeats.",
-    ),
-)
+def _setting(
+    name: str,
+    kind: Kind[_T],
+    default: _T,
+    doc: str,
+    *,
+    default_doc: str | None = None,
+    not_below: str | None = None,
+) -> _T:
+    """A settings field read from ``name``; its docs default is derived from ``default``."""
+    declared = _Declaration(name, kind, doc, default_doc, not_below)
+    return field(default=default, metadata={_DECLARATION: declared})
 
-_BY_NAME = {v.name: v for v in VARIABLES}
+
+def _computed_setting(
+    name: str, kind: Kind[_T], default: Callable[[], _T], doc: str, *, default_doc: str
+) -> _T:
+    """A settings field read from ``name`` whose default is computed when loading."""
+    declared = _Declaration(name, kind, doc, default_doc, None)
+    return field(default_factory=default, metadata={_DECLARATION: declared})
+
+
+def _show(value: object) -> str:
+    """A default as the docs write it: in the spelling a user would set."""
+    if value is None:
+        return "unset"
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
 
 
 # --- the standard OpenTelemetry variables -------------------------------------------------
@@ -625,46 +354,308 @@ def load_otel(env: Mapping[str, str]) -> OtelSettings:
 
 @dataclass(frozen=True)
 class Settings:
-    """Typed, validated watchdog_kv settings. Durations are seconds (``_s``)."""
+    """Typed, validated watchdog_kv settings. Durations are seconds (``_s``).
 
-    enabled: bool
-    log_level: str
-    log_format: str
-    state_dir: Path
-    cache_dir: Path
-    server: str | None
-    prefill_timeout_s: float
-    decode_idle_timeout_s: float
-    request_budget_s: float = 300.0
-    drain_timeout_s: float = 30.0
-    kv_recovery: str = "recompute"
-    kv_deadline_floor_s: float = 5.0
-    kv_deadline_cap_s: float = 120.0
-    kv_assumed_bandwidth_mbps: float = 100.0
-    kv_lease_check: bool = True
-    nixl_progress_delay_us: int = 1000
-    step_floor_s: float = 10.0
-    step_cap_s: float = 300.0
-    step_slack: float = 4.0
-    connector_floor_s: float = 10.0
-    connector_cap_s: float = 120.0
-    startup_floor_s: float = 60.0
-    startup_cap_s: float = 900.0
-    stall_action: str = "abort"
-    restart_limit: int = 3
-    restart_backoff_s: float = 2.0
-    monitor_interval_s: float = 0.25
-    dump_dir: Path | None = None
-    trace_text: bool = False
-    vllm_traces: bool = True
-    fault: FaultPlan = field(default_factory=FaultPlan)
-    fault_seed: int = 0
-    otel: OtelSettings = field(default_factory=lambda: OtelSettings())
+    Each field but ``otel`` is one ``WATCHDOG_KV_*`` variable, declared here once.
+    """
+
+    enabled: bool = _setting(
+        "WATCHDOG_KV_ENABLED",
+        BOOL,
+        True,
+        "Master switch. With 0 the plugin installs no hook, writes no status "
+        "record and costs nothing beyond one log line.",
+    )
+    log_level: str = _setting(
+        "WATCHDOG_KV_LOG_LEVEL",
+        _choice("debug", "info", "warning", "error"),
+        "info",
+        "Lowest level of watchdog_kv's own log events (vLLM's logging is untouched).",
+    )
+    log_format: str = _setting(
+        "WATCHDOG_KV_LOG_FORMAT",
+        _choice("auto", "json", "console"),
+        "auto",
+        "Log rendering: one JSON object per line, or coloured key=value for "
+        "people. auto picks console on a terminal and JSON otherwise.",
+    )
+    state_dir: Path = _computed_setting(  # noqa: RUF009
+        "WATCHDOG_KV_STATE_DIR",
+        DIRECTORY,
+        default_state_dir,
+        "Where each watched process writes its status record "
+        "(procs/<pid>.json). The supervisor sets one per run.",
+        default_doc="$XDG_RUNTIME_DIR/watchdog_kv-<uid> (or the temp dir)",
+    )
+    cache_dir: Path = _computed_setting(  # noqa: RUF009
+        "WATCHDOG_KV_CACHE_DIR",
+        DIRECTORY,
+        _default_cache_dir,
+        "Where the embedded tiny model is built once and reused.",
+        default_doc="$XDG_CACHE_HOME/watchdog_kv (or ~/.cache/watchdog_kv)",
+    )
+    server: str | None = _setting(
+        "WATCHDOG_KV_SERVER",
+        NAME,
+        None,
+        "Name of the vLLM server a process belongs to (prefill-0, decode-0, ...). "
+        "Set by the supervisor on the servers it starts; recorded in status records.",
+    )
+    prefill_timeout_s: float = _setting(
+        "WATCHDOG_KV_PREFILL_TIMEOUT",
+        SECONDS,
+        120.0,
+        "Router: longest wait for a prefill server's answer before the client "
+        "gets a 504 naming the prefill server.",
+    )
+    decode_idle_timeout_s: float = _setting(
+        "WATCHDOG_KV_DECODE_IDLE_TIMEOUT",
+        SECONDS,
+        120.0,
+        "Router: longest silence from a decode server (before its first token or "
+        "between tokens -- the router streams every answer it can continue from the "
+        "decode, whether the client streams or not) before the decode counts as failed: "
+        "the answer is continued on another decode, or ended with a clear error. A "
+        "non-streamed answer that cannot be continued is bounded by "
+        "WATCHDOG_KV_REQUEST_BUDGET instead.",
+    )
+    request_budget_s: float = _setting(
+        "WATCHDOG_KV_REQUEST_BUDGET",
+        SECONDS,
+        300.0,
+        "Router: how long one request may spend on the recovery ladder (another "
+        "prefill, computing on the decode, another decode, waiting for a restarted one, "
+        "continuing a stream). Once spent, the client gets the last error.",
+    )
+    drain_timeout_s: float = _setting(
+        "WATCHDOG_KV_DRAIN_TIMEOUT",
+        SECONDS,
+        30.0,
+        "Supervisor, on SIGTERM or SIGINT: new requests get 503 at once and those in "
+        "flight have this long to finish before the servers are stopped.",
+    )
+    kv_recovery: str = _setting(
+        "WATCHDOG_KV_KV_RECOVERY",
+        _choice("recompute", "fail"),
+        "recompute",
+        "Decode side, when a KV load misses its deadline, breaks or reads stale "
+        "blocks: recompute the prompt locally through vLLM's own recovery (same "
+        "output, more compute), or fail the request at once with a clear error.",
+    )
+    kv_deadline_floor_s: float = _setting(
+        "WATCHDOG_KV_KV_DEADLINE_FLOOR",
+        SECONDS,
+        5.0,
+        "Shortest deadline of any KV-load phase (handshake, first progress, "
+        "transfer, lease check): a small stuck load is caught after this long.",
+    )
+    kv_deadline_cap_s: float = _setting(
+        "WATCHDOG_KV_KV_DEADLINE_CAP",
+        SECONDS,
+        120.0,
+        "Longest deadline of any KV-load phase, however big the transfer.",
+        not_below="kv_deadline_floor_s",
+    )
+    kv_assumed_bandwidth_mbps: float = _setting(
+        "WATCHDOG_KV_KV_ASSUMED_BANDWIDTH",
+        MEGABYTES_PER_S,
+        100.0,
+        "Bandwidth a transfer deadline assumes until transfers have been measured "
+        "in this process; after that, the slowest recent measured bandwidth is used.",
+    )
+    kv_lease_check: bool = _setting(
+        "WATCHDOG_KV_KV_LEASE_CHECK",
+        BOOL,
+        True,
+        "Decode side: before KV read from a prefill is used, ask that prefill's "
+        "watchdog whether it kept the blocks through the read; if not (or no "
+        "answer in time) the prompt is recomputed. Needs watchdog_kv on the prefill.",
+    )
+    nixl_progress_delay_us: int = _setting(
+        "WATCHDOG_KV_NIXL_PROGRESS_DELAY_US",
+        MICROSECONDS,
+        1000,
+        "Poll timeout given to NIXL's UCX progress thread. NIXL 1.5's Python API "
+        "sets 0, which makes that thread spin a full core per vLLM worker even when "
+        "idle; the thread still wakes on UCX events. 0 leaves NIXL as it is.",
+    )
+    step_floor_s: float = _setting(
+        "WATCHDOG_KV_STEP_FLOOR",
+        SECONDS,
+        10.0,
+        "Shortest deadline of one engine or worker model step: a step that never "
+        "returns is caught after this long once steps are fast. Why 10 s: "
+        "docs/step-watchdog.md.",
+    )
+    step_cap_s: float = _setting(
+        "WATCHDOG_KV_STEP_CAP",
+        SECONDS,
+        300.0,
+        "Longest deadline of one model step, however slow recent steps were "
+        "(vLLM's own execute-model timeout is 300 s).",
+        not_below="step_floor_s",
+    )
+    step_slack: float = _setting(
+        "WATCHDOG_KV_STEP_SLACK",
+        SLACK,
+        4.0,
+        "A step, startup or connector-call deadline is this many times the longest "
+        "recent one of its kind (then held between its floor and cap).",
+    )
+    connector_floor_s: float = _setting(
+        "WATCHDOG_KV_CONNECTOR_FLOOR",
+        SECONDS,
+        10.0,
+        "Shortest deadline of one KV-connector call inside a worker step "
+        "(start_load_kv, get_transfer_results, wait_for_save...).",
+    )
+    connector_cap_s: float = _setting(
+        "WATCHDOG_KV_CONNECTOR_CAP",
+        SECONDS,
+        120.0,
+        "Longest deadline of one KV-connector call.",
+        not_below="connector_floor_s",
+    )
+    startup_floor_s: float = _setting(
+        "WATCHDOG_KV_STARTUP_FLOOR",
+        SECONDS,
+        60.0,
+        "Shortest deadline of an engine's or worker's start-up (model load, KV "
+        "cache, warm-up) and of its first steps.",
+    )
+    startup_cap_s: float = _setting(
+        "WATCHDOG_KV_STARTUP_CAP",
+        SECONDS,
+        900.0,
+        "Longest start-up deadline; also the deadline of a server's first start, "
+        "before any start-up of it was measured.",
+        not_below="startup_floor_s",
+    )
+    stall_action: str = _setting(
+        "WATCHDOG_KV_STALL_ACTION",
+        _choice("observe", "abort", "restart"),
+        "abort",
+        "What a detected stall does (docs/step-watchdog.md): observe only dumps and "
+        "reports (health says not progressing); abort also fails the stalled engine's "
+        "requests at once with a clear 503 and sends new ones to another data-parallel "
+        "rank, or refuses them; restart also has the supervisor restart the server.",
+    )
+    restart_limit: int = _setting(
+        "WATCHDOG_KV_RESTART_LIMIT",
+        COUNT,
+        3,
+        "Supervisor: restarts in a row of one server (it exited, or stalled under "
+        "the restart action) before it gives up and reports the server failed. A server "
+        "ready for 10 minutes starts a new row.",
+    )
+    restart_backoff_s: float = _setting(
+        "WATCHDOG_KV_RESTART_BACKOFF",
+        SECONDS,
+        2.0,
+        "Supervisor: wait between failed restart attempts of a server; it doubles "
+        "with each further restart in a row, up to 60 s.",
+    )
+    monitor_interval_s: float = _setting(
+        "WATCHDOG_KV_MONITOR_INTERVAL",
+        SECONDS,
+        0.25,
+        "How often the monitor (and each API server's stall guard) reads the beacons.",
+    )
+    dump_dir: Path | None = _setting(  # noqa: RUF009
+        "WATCHDOG_KV_DUMP_DIR",
+        DIRECTORY,
+        None,
+        "Where the monitor writes one incident directory per detected stall "
+        "(stacks, beacons, flight recorders); read them with watchdog-kv report.",
+        default_doc="<state dir>/dumps",
+    )
+    trace_text: bool = _setting(
+        "WATCHDOG_KV_TRACE_TEXT",
+        BOOL,
+        False,
+        "Record prompt and output text on the router's request spans "
+        "(docs/tracing.md). Off: spans carry sizes and token counts, never text.",
+    )
+    vllm_traces: bool = _setting(
+        "WATCHDOG_KV_VLLM_TRACES",
+        BOOL,
+        True,
+        "Supervisor: when tracing is on (an OTLP endpoint is set), start each vLLM "
+        "server with --otlp-traces-endpoint too, so vLLM's own request spans join the "
+        "router's traces.",
+    )
+    fault: FaultPlan = _computed_setting(  # noqa: RUF009
+        "WATCHDOG_KV_FAULT",
+        FAULTS,
+        FaultPlan,
+        "Fault injection for rehearsals (docs/kv-transfer.md, docs/step-watchdog.md). "
+        "Never set it in production.",
+        default_doc="unset (no fault)",
+    )
+    fault_seed: int = _setting(
+        "WATCHDOG_KV_FAULT_SEED",
+        INT,
+        0,
+        "Seed of the fault injection's random draws, so a rehearsal repeats.",
+    )
+    otel: OtelSettings = field(default_factory=OtelSettings)  # the OTEL_* variables
 
     @property
     def dumps(self) -> Path:
         """Where incidents go: WATCHDOG_KV_DUMP_DIR, else <state dir>/dumps."""
         return self.dump_dir or self.state_dir / "dumps"
+
+
+@dataclass(frozen=True)
+class Variable:
+    """One environment variable, as derived from its :class:`Settings` field."""
+
+    name: str
+    attr: str
+    parse: Callable[[str], Any]
+    default: Callable[[], Any]
+    default_doc: str
+    accepted: str
+    doc: str
+    unit: str = ""
+    not_below: Variable | None = None  # the floor this value may not be below
+
+
+def _default_of(f: dataclasses.Field[Any]) -> Callable[[], Any]:
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory
+    value = f.default
+    return lambda: value
+
+
+def _variables() -> tuple[Variable, ...]:
+    declared = {
+        f.name: (f, f.metadata[_DECLARATION])
+        for f in dataclasses.fields(Settings)
+        if _DECLARATION in f.metadata
+    }
+    built: dict[str, Variable] = {}
+    for attr, (f, d) in declared.items():
+        default = _default_of(f)
+        default_doc = _show(default()) if d.default_doc is None else d.default_doc
+        floor = built[d.not_below] if d.not_below else None
+        built[attr] = Variable(
+            name=d.name,
+            attr=attr,
+            parse=d.kind.parse,
+            default=default,
+            default_doc=default_doc,
+            accepted=d.kind.accepted + (f" and not below {floor.name}" if floor else ""),
+            doc=d.doc,
+            unit=d.kind.unit,
+            not_below=floor,
+        )
+    return tuple(built.values())
+
+
+VARIABLES: tuple[Variable, ...] = _variables()
+
+_BY_NAME = {v.name: v for v in VARIABLES}
 
 
 def load(environ: Mapping[str, str] | None = None) -> Settings:
@@ -694,28 +685,15 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
             raise ConfigError(
                 f"{var.name}={raw!r} is not valid: {exc}. Accepted: {var.accepted}."
             ) from None
-    for prefix, floor, cap in _FLOOR_CAP:
-        if values[floor] > values[cap]:
+    for var in VARIABLES:
+        floor = var.not_below
+        if floor is not None and values[floor.attr] > values[var.attr]:
             raise ConfigError(
-                f"WATCHDOG_KV_{prefix}_FLOOR ({values[floor]:g} s) is above "
-                f"WATCHDOG_KV_{prefix}_CAP ({values[cap]:g} s). Accepted: a floor not above "
+                f"{floor.name} ({values[floor.attr]:g} {floor.unit}) is above "
+                f"{var.name} ({values[var.attr]:g} {var.unit}). Accepted: a floor not above "
                 "the cap."
             )
-    if values["step_slack"] < 1:
-        raise ConfigError(
-            f"WATCHDOG_KV_STEP_SLACK={values['step_slack']:g} is not valid: a deadline below "
-            "the longest step seen would flag healthy steps. Accepted: a number, 1 or more."
-        )
-    values["otel"] = load_otel(env)
-    return Settings(**values)
-
-
-_FLOOR_CAP = (
-    ("KV_DEADLINE", "kv_deadline_floor_s", "kv_deadline_cap_s"),
-    ("STEP", "step_floor_s", "step_cap_s"),
-    ("CONNECTOR", "connector_floor_s", "connector_cap_s"),
-    ("STARTUP", "startup_floor_s", "startup_cap_s"),
-)
+    return Settings(**values, otel=load_otel(env))
 
 
 def markdown_table() -> str:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -76,6 +77,50 @@ def test_every_field_has_exactly_one_variable():
     assert sorted(attrs) == sorted(fields)
     assert len({v.name for v in config.VARIABLES}) == len(config.VARIABLES)
     assert all(v.name.startswith(config.PREFIX) for v in config.VARIABLES)
+
+
+def test_every_variable_is_declared_once_in_the_source():
+    """A variable's name is written once in config.py: in its declaration, nowhere else."""
+    source = Path(config.__file__).read_text()
+    for var in config.VARIABLES:
+        assert source.count(f'"{var.name}"') == 1, var.name
+
+
+def test_dataclass_defaults_are_the_loaded_defaults():
+    assert config.Settings() == load({})
+
+
+SPELT_DEFAULTS = [
+    v
+    for v in config.VARIABLES
+    if config.Settings.__dataclass_fields__[v.attr].default not in (None, dataclasses.MISSING)
+]
+
+
+@pytest.mark.parametrize("var", SPELT_DEFAULTS, ids=lambda v: v.name)
+def test_documented_default_parses_to_the_default(var):
+    assert var.parse(var.default_doc) == var.default()
+
+
+@pytest.mark.parametrize(
+    "var", [v for v in config.VARIABLES if v.not_below is not None], ids=lambda v: v.name
+)
+def test_floor_above_cap_names_both(var):
+    floor = var.not_below.name
+    assert floor in var.accepted
+    with pytest.raises(ConfigError) as err:
+        load({floor: "100", var.name: "50"})
+    message = str(err.value)
+    assert f"{floor} (100 s) is above {var.name} (50 s)" in message
+    assert "Accepted: a floor not above the cap." in message
+
+
+@pytest.mark.parametrize("raw", ["0.5", "0", "x"])
+def test_step_slack_below_one_is_rejected(raw):
+    with pytest.raises(ConfigError) as err:
+        load({"WATCHDOG_KV_STEP_SLACK": raw})
+    assert f"WATCHDOG_KV_STEP_SLACK={raw!r} is not valid" in str(err.value)
+    assert "Accepted: a number, 1 or more." in str(err.value)
 
 
 def test_docs_table_is_the_one_the_code_generates():
