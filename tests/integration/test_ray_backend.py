@@ -171,7 +171,7 @@ def ray_cluster():
 @pytest.fixture(scope="module")
 def connected(ray_cluster):
     """This test process connected to the module's cluster, as the supervisor does."""
-    from watchdog_kv.supervisor.ray_backend import connect
+    from watchdog_kv.supervisor.ray import connect
 
     connect(ray_cluster.address)
     return ray_cluster
@@ -222,9 +222,7 @@ def free_port_not_in(taken: set[int]) -> int:
 # -- no vLLM needed --------------------------------------------------------------------------
 def test_no_cluster_at_the_address_is_a_clear_error_at_once(tmp_path):
     closed = free_port()  # nothing listens there
-    code = (
-        f"from watchdog_kv.supervisor.ray_backend import connect\nconnect('127.0.0.1:{closed}')\n"
-    )
+    code = f"from watchdog_kv.supervisor.ray import connect\nconnect('127.0.0.1:{closed}')\n"
     env = {k: v for k, v in base_env().items() if k != "RAY_ADDRESS"}
     began = time.monotonic()
     proc = subprocess.run(
@@ -233,14 +231,14 @@ def test_no_cluster_at_the_address_is_a_clear_error_at_once(tmp_path):
     elapsed = time.monotonic() - began
     assert proc.returncode != 0
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("watchdog_kv.supervisor.ray_backend.RayClusterUnreachable: ")
+    assert last.startswith("watchdog_kv.supervisor.ray.cluster.RayClusterUnreachable: ")
     assert "no Ray cluster reachable at " in last and f":{closed}: cannot connect" in last
     assert "(`ray start --head` on the head node) and never starts one" in last
     assert elapsed < 60, f"took {elapsed:.1f} s"
 
 
 def test_unsatisfiable_placement_fails_within_the_deadline_and_leaves_nothing(connected, tmp_path):
-    from watchdog_kv.supervisor.ray_backend import PlacementTimeout, RayServer
+    from watchdog_kv.supervisor.ray import PlacementTimeout, RayServer
 
     server = RayServer(
         make_spec(tmp_path),
@@ -267,7 +265,7 @@ def test_unsatisfiable_placement_fails_within_the_deadline_and_leaves_nothing(co
 def test_port_taken_on_the_actors_node_is_named_and_nothing_is_left(connected, tmp_path):
     import ray
 
-    from watchdog_kv.supervisor.ray_backend import RayBackendError, RayServer
+    from watchdog_kv.supervisor.ray import RayBackendError, RayServer
 
     node_ip = ray.util.get_node_ip_address()
     with socket.socket() as holder:
@@ -343,7 +341,7 @@ def test_server_on_an_actor_dies_with_it_and_starts_again(connected, model, tmp_
     3. Once more, and this time the API server itself is SIGKILLed: the actor
        lives on and reports the exit code; ``stop()`` asks it to stop the rest.
     """
-    from watchdog_kv.supervisor.ray_backend import ACTOR_LOST_EXIT_CODE, RayServer
+    from watchdog_kv.supervisor.ray import ACTOR_LOST_EXIT_CODE, RayServer
 
     run_dir = tmp_path / "run"
     server = RayServer(

@@ -544,6 +544,7 @@ def test_a_restart_row_whose_attempts_crash_the_same_way_ends_failed(tmp_path):
     spec = ServerSpec("decode-0", "decode", Path("m"), "m", "127.0.0.1", 1, 2)
     (tmp_path / "decode-0.log").write_text("")
     srv = _Server(spec, CrashingServer(spec, tmp_path / "decode-0.log"))
+    srv.state = "exited"  # the death the restart answers
     sup.servers["decode-0"] = srv
 
     async def run() -> bool:

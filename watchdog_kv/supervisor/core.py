@@ -1,29 +1,31 @@
 """The supervisor: starts stock vLLM servers, watches them, restarts them, stops them.
 
-Topologies: N prefill and M decode servers (``prefill-0``.., ``decode-0``..),
-or one plain data-parallel server (``dp-0``). Each server runs where its
-launcher puts it (:mod:`watchdog_kv.supervisor.launch`): a local process tree,
-or a Ray actor in its own placement group.
+The servers are planned by :mod:`~watchdog_kv.supervisor.plan`; each runs where
+its launcher puts it (:mod:`~watchdog_kv.supervisor.launch`): a local process
+tree, or a Ray actor in its own placement group
+(:mod:`~watchdog_kv.supervisor.ray`). Each server's state moves only by the
+events of :mod:`~watchdog_kv.supervisor.lifecycle`.
 
 Start-up is bounded: each server must answer ``GET /health`` with 200 within
 ``startup_timeout_s``. A server whose process exits first, or that is not
-healthy in time, is a :class:`StartupError` naming it with its last log lines,
-and every process already started is stopped before the error is raised.
+healthy in time, is a :class:`~watchdog_kv.supervisor.errors.StartupError`
+naming it with its last log lines, and every process already started is
+stopped before the error is raised.
 
 Once running, :meth:`Supervisor.watch` restarts a server that dies: its API
 server exits, or an engine core or worker of it is gone (a crash: see
-:mod:`watchdog_kv.supervisor.deaths`; the crash incident is written first, and
-a server that crashes twice in a row with the same signal in the same frame is
-marked failed with that diagnosis instead of being restarted again);
-the step watchdog's monitor (:mod:`watchdog_kv.monitor.watcher`, run here, outside
-every vLLM process) makes health honest (:meth:`Supervisor.health`: live, ready
-and progressing per server) and, under ``WATCHDOG_KV_STALL_ACTION=restart``, a
-stalled server is restarted once its incident is written. A restart kills what
-is left of the server, starts it again and is done only when it is ready; a
-failed attempt is retried after a capped exponential backoff (tenacity). After
-``WATCHDOG_KV_RESTART_LIMIT`` restarts in a row (a server ready for
-:data:`STABLE_S` starts a new row) the server is marked failed with a report.
-The service ends only when no server able to answer (decode or plain) is left.
+:mod:`~watchdog_kv.supervisor.deaths`; the crash incident is written first,
+and a server that crashes twice in a row with the same signal in the same
+frame is marked failed with that diagnosis instead of being restarted again).
+The step watchdog's monitor (:mod:`watchdog_kv.monitor.watcher`, run here,
+outside every vLLM process) makes health honest (:meth:`Supervisor.health`:
+live, ready and progressing per server) and, under
+``WATCHDOG_KV_STALL_ACTION=restart``, a stalled server is restarted once its
+incident is written. A restart kills what is left of the server, starts it
+again and is done only when it is ready; failed attempts are retried, and a
+server is given up on, by the policy of
+:mod:`~watchdog_kv.supervisor.restarts`. The service ends only when no server
+able to answer (decode or plain) is left.
 """
 
 from __future__ import annotations
@@ -40,27 +42,31 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-from tenacity import (
-    AsyncRetrying,
-    RetryCallState,
-    retry_if_exception,
-    stop_after_attempt,
-)
+from tenacity import RetryCallState
 
 from watchdog_kv import process as procrecords
 from watchdog_kv.config import Settings
 from watchdog_kv.monitor.crashes import Crash
-from watchdog_kv.router.handoff import Backend
 from watchdog_kv.monitor.watcher import Monitor
+from watchdog_kv.router.handoff import Backend
 from watchdog_kv.stalls import Stall, engine_rank
-from watchdog_kv.supervisor import deaths, ports
+from watchdog_kv.supervisor import deaths, lifecycle
+from watchdog_kv.supervisor.errors import ServerExitedError, ServerStartTimeout, StartupError
 from watchdog_kv.supervisor.launch import LocalServer, ServerProcess
+from watchdog_kv.supervisor.lifecycle import (
+    COMING_BACK,
+    IllegalTransition,
+    ServerEvent,
+    ServerState,
+)
+from watchdog_kv.supervisor.plan import ServeOptions, plan
 from watchdog_kv.supervisor.progress import StartupProgress
+from watchdog_kv.supervisor.ray.server import RayServer
+from watchdog_kv.supervisor.restarts import RestartPolicy, stable
 from watchdog_kv.supervisor.servers import ServerSpec
 from watchdog_kv.telemetry import get_logger, tracing
 
 __all__ = [
-    "STABLE_S",
     "ServeOptions",
     "ServerExitedError",
     "ServerStartTimeout",
@@ -70,68 +76,18 @@ __all__ = [
 
 _log = get_logger("watchdog_kv.supervisor")
 
-STABLE_S = 600.0  # ready this long: the next failure starts a new row of restarts
 SERVING_ROLES = ("decode", "plain")  # the roles that answer clients
-_COMING_BACK = ("waiting", "starting", "exited", "restarting")
 
 
-class StartupError(RuntimeError):
-    """The service could not be brought up; the message says why."""
-
-
-class ServerExitedError(StartupError):
-    def __init__(
-        self,
-        name: str,
-        code: int | None,
-        tail: list[str],
-        log_path: Path,
-        crash: Crash | None = None,
-    ):
-        lines = "\n".join(f"    {ln}" for ln in tail) or "    (no output)"
-        how = f"exited with code {code}" if code is not None else "lost its engine"
-        why = f" ({crash.describe()})" if crash is not None and crash.signal else ""
-        super().__init__(f"vLLM server {name} {how}{why}; last log lines ({log_path}):\n{lines}")
-        self.name, self.code, self.tail, self.crash = name, code, tail, crash
-
-
-class ServerStartTimeout(StartupError):
-    def __init__(self, name: str, timeout_s: float, tail: list[str], log_path: Path):
-        lines = "\n".join(f"    {ln}" for ln in tail) or "    (no output)"
-        super().__init__(
-            f"vLLM server {name} was not healthy within {timeout_s:g} s; last log lines "
-            f"({log_path}):\n{lines}"
-        )
-        self.name, self.tail = name, tail
-
-
-@dataclass(frozen=True)
-class ServeOptions:
-    model: Path
-    served_model_name: str
-    host: str = "127.0.0.1"
-    port: int = 8000
-    prefill_port: int | None = None
-    decode_port: int | None = None
-    startup_timeout_s: float = 300.0
-    stop_grace_s: float = 20.0
-    max_model_len: int = 512
-    vllm_args: tuple[str, ...] = ()
-    kv_lease_s: float | None = None
-    run_dir: Path | None = None
-    data_parallel_size: int = 1  # > 1: one plain data-parallel server, no hand-off
-    prefills: int = 1  # prefill servers (0: decodes compute every prompt themselves)
-    decodes: int = 1
-    backend: str = "local"  # "local" child processes, or "ray" actors on a cluster
-    ray_address: str | None = None
-    placement_timeout_s: float = 60.0
+class _Refused(Exception):
+    """A restart attempt the server's lifecycle does not allow: it ends the restart."""
 
 
 @dataclass
 class _Server:
     spec: ServerSpec
     proc: ServerProcess
-    state: str = "waiting"  # starting, ready, exited, restarting, failed, stopped
+    state: ServerState = ServerState.WAITING  # moved by lifecycle events only
     started_at: float = 0.0
     ready_after_s: float | None = None
     ready_since: float | None = None
@@ -161,6 +117,7 @@ class Supervisor:
         self._background: set[asyncio.Future[Any]] = set()
         self._changed = asyncio.Event()
         self._up = False  # start-up done: every server was ready once
+        self.restarts = RestartPolicy(settings.restart_backoff_s, settings.restart_limit)
         # the router's requests on a server, told of what happens to it (set by the service)
         self.on_detection: Callable[..., int] | None = None
 
@@ -176,81 +133,10 @@ class Supervisor:
     # -- planning -----------------------------------------------------------------
     def plan(self) -> list[ServerSpec]:
         """Check ports and build the server specs; raises before anything starts."""
-        opts = self.options
-        taken = {opts.port}
-        cores = sorted(os.sched_getaffinity(0))
-        if opts.data_parallel_size > 1:
-            return [self._plan_data_parallel(taken, cores)]
-        wanted = [
-            ("prefill", i, opts.prefill_port if i == 0 else None) for i in range(opts.prefills)
-        ] + [("decode", i, opts.decode_port if i == 0 else None) for i in range(opts.decodes)]
-        specs: list[ServerSpec] = []
-        for index, (role, i, fixed) in enumerate(wanted):
-            name = f"{role}-{i}"
-            port = self._http_port(fixed, name, taken)
-            side = ports.free_port(opts.host, taken)
-            specs.append(
-                ServerSpec(
-                    name=name,
-                    role=role,
-                    model=opts.model,
-                    served_model_name=opts.served_model_name,
-                    host=opts.host,
-                    port=port,
-                    side_channel_port=side,
-                    max_model_len=opts.max_model_len,
-                    extra_args=opts.vllm_args,
-                    cpu_bind=str(cores[index % len(cores)]),
-                    kv_lease_s=opts.kv_lease_s,
-                    otel=self.settings.otel,
-                    vllm_traces=self.settings.vllm_traces,
-                    plugin_enabled=self.settings.enabled,
-                )
-            )
-        return specs
-
-    def _http_port(self, fixed: int | None, name: str, taken: set[int]) -> int:
-        """The operator's port for server ``name`` (checked free), else a free one."""
-        host = self.options.host
-        if fixed is None:
-            return ports.free_port(host, taken)
-        ports.check_free(host, fixed, f"{name} HTTP")
-        taken.add(fixed)
-        return fixed
-
-    def _plan_data_parallel(self, taken: set[int], cores: list[int]) -> ServerSpec:
-        """One vLLM server with --data-parallel-size N behind one API server."""
-        opts = self.options
-        size = opts.data_parallel_size
-        port = self._http_port(opts.decode_port, "dp-0", taken)
-        return ServerSpec(
-            name="dp-0",
-            role="plain",
-            model=opts.model,
-            served_model_name=opts.served_model_name,
-            host=opts.host,
-            port=port,
-            side_channel_port=ports.free_port(opts.host, taken),
-            max_model_len=opts.max_model_len,
-            extra_args=(
-                "--data-parallel-size",
-                str(size),
-                "--data-parallel-rpc-port",
-                str(ports.free_port(opts.host, taken)),
-                *opts.vllm_args,
-            ),
-            # one core per rank's OpenMP threads ("|" separates ranks)
-            cpu_bind="|".join(str(cores[i % len(cores)]) for i in range(size)),
-            kv_lease_s=None,
-            otel=self.settings.otel,
-            vllm_traces=self.settings.vllm_traces,
-            plugin_enabled=self.settings.enabled,
-        )
+        return plan(self.options, self.settings)
 
     def _launcher(self, spec: ServerSpec) -> ServerProcess:
         if self.options.backend == "ray":
-            from watchdog_kv.supervisor.ray_backend import RayServer
-
             return RayServer(
                 spec,
                 self.run_dir,
@@ -260,6 +146,24 @@ class Supervisor:
         return LocalServer(spec, self.run_dir)
 
     # -- lifecycle ------------------------------------------------------------------
+    def _move(self, srv: _Server, event: ServerEvent) -> bool:
+        """Apply ``event`` to ``srv``'s lifecycle; False (logged, nothing changed) if the
+        table does not allow it in the server's state."""
+        try:
+            srv.state = lifecycle.apply(srv.spec.name, srv.state, event)
+        except IllegalTransition as exc:
+            # a stopped server's late events are expected while the service stops
+            late = exc.state == ServerState.STOPPED
+            (_log.debug if late else _log.warning)(
+                "server.transition_refused",
+                server=srv.spec.name,
+                state=exc.state,
+                lifecycle_event=exc.event,
+            )
+            return False
+        self._changed.set()
+        return True
+
     async def start(self, specs: list[ServerSpec], *, live: bool | None = None) -> None:
         """Start every server and wait until all are healthy (or raise StartupError)."""
         (self.run_dir / "logs").mkdir(parents=True, exist_ok=True)
@@ -283,8 +187,10 @@ class Supervisor:
                 )
         self._up = True
 
-    async def _spawn(self, srv: _Server, **fields: Any) -> None:
-        srv.state = "starting"
+    async def _spawn(self, srv: _Server, **fields: Any) -> bool:
+        """Start ``srv``'s processes; False if its lifecycle does not allow it."""
+        if not self._move(srv, ServerEvent.SPAWN):
+            return False
         srv.exit_code = None
         srv.starts += 1
         srv.started_at = time.monotonic()
@@ -302,6 +208,7 @@ class Supervisor:
             **srv.proc.where(),
             **fields,
         )
+        return True
 
     async def _wait_ready(
         self, http: aiohttp.ClientSession, srv: _Server, progress: StartupProgress
@@ -313,7 +220,8 @@ class Supervisor:
             tail = srv.proc.tail(1)
             dead = self._dead_engines(srv)
             if code is not None or dead:  # "failed" is the verdict of start() or restart()
-                srv.state, srv.exit_code = "exited", code
+                self._move(srv, ServerEvent.EXIT)
+                srv.exit_code = code
                 progress.update(srv.spec.name, "failed", tail[-1] if tail else "")
                 crash = await self._examine(srv, code, dead)
                 raise ServerExitedError(
@@ -322,10 +230,10 @@ class Supervisor:
             try:
                 async with http.get(url, timeout=aiohttp.ClientTimeout(total=2)) as resp:
                     if resp.status == 200:
-                        srv.state = "ready"
+                        if not self._move(srv, ServerEvent.HEALTHY):
+                            return  # no longer starting: stopped, or being restarted
                         srv.ready_since = time.monotonic()
                         srv.ready_after_s = srv.ready_since - srv.started_at
-                        self._changed.set()
                         progress.update(srv.spec.name, "ready", tail[-1] if tail else "")
                         _log.info(
                             "server.ready",
@@ -392,7 +300,7 @@ class Supervisor:
         srv = self.servers[str(stall.server)]
         if self.monitor is not None:  # the evidence first: a restart destroys it
             await asyncio.to_thread(self.monitor.evidence, stall, 60.0)
-            if srv.state == "exited" and srv.death is not None:
+            if srv.state == ServerState.EXITED and srv.death is not None:
                 # it died while the evidence was taken (its death's own handling was not
                 # scheduled, this restart being under way): handle it as a death
                 await self._after_death(srv, *srv.death)
@@ -412,19 +320,18 @@ class Supervisor:
     async def restart(self, name: str, cause: str) -> bool:
         """Kill server ``name`` and start it again until ready; False once it gives up.
 
-        Every attempt counts against ``WATCHDOG_KV_RESTART_LIMIT``; the count starts
-        again once the server has been ready for :data:`STABLE_S`. Attempts are
-        spaced by a capped exponential backoff that keeps growing across a row of
-        restarts (a server crashing right after each restart waits longer each time).
+        Attempts count against the server's row of restarts and are spaced by the
+        row's backoff (:mod:`~watchdog_kv.supervisor.restarts`); an attempt that
+        crashes the same way as the one before ends the row (the same-crash rule).
         """
         srv = self.servers[name]
-        limit = self.settings.restart_limit
-        if _stable(srv):
+        if stable(srv.ready_since):
             srv.streak = 0
-        if srv.streak >= limit:
+        if self.restarts.exhausted(srv.streak):
             self._give_up(srv, cause)
             return False
         causes = [cause]
+        repeated: list[Crash] = []
 
         def failed_attempt(state: RetryCallState) -> None:
             error = state.outcome.exception() if state.outcome else None
@@ -438,11 +345,6 @@ class Supervisor:
                 next_in_s=round(state.upcoming_sleep, 1),
             )
 
-        # one doubling backoff over the whole row: the wait before a restart follows
-        # the number of restarts already in the row, in this call or earlier ones
-        def row_backoff(_: RetryCallState | None = None) -> float:
-            return min(60.0, self.settings.restart_backoff_s * 2.0 ** (srv.streak - 1))
-
         def worth_retrying(exc: BaseException) -> bool:
             if not isinstance(exc, StartupError):
                 return False
@@ -455,63 +357,55 @@ class Supervisor:
                 return False
             return True
 
-        repeated: list[Crash] = []
-
-        retrying = AsyncRetrying(
-            stop=stop_after_attempt(limit - srv.streak),
-            wait=row_backoff,
-            retry=retry_if_exception(worth_retrying),
-            before_sleep=failed_attempt,
-            reraise=True,
+        attempts = self.restarts.attempts(
+            lambda: srv.streak, retry=worth_retrying, before_sleep=failed_attempt
         )
         with _tracer().start_as_current_span(
             "server.restart", attributes={"watchdog.server": name, "watchdog.cause": cause}
         ) as span:
-            done = await self._restart_row(srv, retrying, causes, row_backoff, repeated)
+            try:
+                async for attempt in attempts:
+                    with attempt:
+                        await self._restart_once(srv, causes[-1])
+            except _Refused:
+                return False  # stopped or given up on meanwhile (logged by the lifecycle)
+            except StartupError as exc:
+                causes.append(f"restart attempt failed: {str(exc).splitlines()[0]}")
+                if repeated:
+                    self._give_up_crashing(srv, repeated[-1], causes[-1])
+                else:
+                    self._give_up(srv, causes[-1])
+                done = False
+            else:
+                _log.info("server.restarted", server=name, after_s=round(srv.ready_after_s or 0, 1))
+                done = True
             span.set_attribute("watchdog.restarts_in_a_row", srv.streak)
             if not done:
                 tracing.fail(span, causes[-1])
             return done
 
-    async def _restart_row(
-        self,
-        srv: _Server,
-        retrying: AsyncRetrying,
-        causes: list[str],
-        row_backoff: Callable[[], float],
-        repeated: list[Crash],
-    ) -> bool:
-        name, limit = srv.spec.name, self.settings.restart_limit
-        if srv.streak:  # restarted before and failed again soon after: back off first
-            await asyncio.sleep(row_backoff())
-        try:
-            async for attempt in retrying:
-                with attempt:
-                    srv.streak += 1
-                    srv.restarts.append({"cause": causes[-1], "at": time.time()})
-                    _log.warning(
-                        "server.restarting",
-                        server=name,
-                        cause=causes[-1],
-                        restart=len(srv.restarts),
-                        in_a_row=srv.streak,
-                        limit=limit,
-                    )
-                    await self._respawn(srv)
-        except StartupError as exc:
-            causes.append(f"restart attempt failed: {str(exc).splitlines()[0]}")
-            if repeated:
-                self._give_up_crashing(srv, repeated[-1], causes[-1])
-            else:
-                self._give_up(srv, causes[-1])
-            return False
-        _log.info("server.restarted", server=name, after_s=round(srv.ready_after_s or 0, 1))
-        return True
+    async def _restart_once(self, srv: _Server, cause: str) -> None:
+        """One restart attempt of the row; raises StartupError if it fails."""
+        if not self._move(srv, ServerEvent.RESTART):
+            raise _Refused(srv.spec.name)
+        srv.streak += 1
+        srv.restarts.append({"cause": cause, "at": time.time()})
+        _log.warning(
+            "server.restarting",
+            server=srv.spec.name,
+            cause=cause,
+            restart=len(srv.restarts),
+            in_a_row=srv.streak,
+            limit=self.restarts.limit,
+        )
+        await self._respawn(srv)
 
-    def _give_up(self, srv: _Server, cause: str, reason: str | None = None) -> None:
+    def _give_up(self, srv: _Server, cause: str, reason: str | None = None) -> bool:
         """Mark ``srv`` failed for good and stop what is left of it (an API server whose
-        engine died keeps its port and memory until told otherwise)."""
-        srv.state = "failed"
+        engine died keeps its port and memory until told otherwise); False if its
+        lifecycle does not allow it (already failed, or stopped)."""
+        if not self._move(srv, ServerEvent.GIVE_UP):
+            return False
         with contextlib.suppress(RuntimeError):  # no running loop: nothing to stop from
             asyncio.get_running_loop()
             task = asyncio.ensure_future(asyncio.to_thread(srv.proc.stop, 0.5))
@@ -526,19 +420,18 @@ class Supervisor:
             "log": str(srv.proc.log_path),
             "last_log_lines": srv.proc.tail(15),
         }
-        self._changed.set()
         if reason is None:
             _log.error("server.restart_limit_reached", server=srv.spec.name, **srv.failure)
+        return True
 
     def _give_up_crashing(self, srv: _Server, crash: Crash, cause: str) -> None:
         """The same crash twice in a row: failed, with the diagnosis, not restarted again."""
-        self._give_up(
-            srv,
-            cause,
-            reason=f"crashed twice in a row the same way: {crash.summary()} "
-            f"({crash.who()}); not restarted again",
+        reason = (
+            f"crashed twice in a row the same way: {crash.summary()} ({crash.who()}); "
+            "not restarted again"
         )
-        assert srv.failure is not None
+        if not self._give_up(srv, cause, reason=reason) or srv.failure is None:
+            return
         srv.failure["diagnosis"] = crash.as_dict() | {"dump": None}
         srv.failure["incident"] = srv.crashes[-1].get("incident") if srv.crashes else None
         _log.error("server.crash_loop", server=srv.spec.name, **srv.failure)
@@ -596,12 +489,12 @@ class Supervisor:
         return culprit
 
     async def _respawn(self, srv: _Server) -> None:
-        srv.state = "restarting"
-        self._changed.set()
+        """Stop what is left of ``srv`` (state restarting) and start it again until ready."""
         await asyncio.to_thread(srv.proc.stop, 0.5)  # dead or wedged: nothing to wait for
         if self._stopping:
             return
-        await self._spawn(srv, restart=True)
+        if not await self._spawn(srv, restart=True):
+            raise _Refused(srv.spec.name)
         with StartupProgress([srv.spec.name], live=False) as progress:
             async with aiohttp.ClientSession() as http:
                 await self._wait_ready(http, srv, progress)
@@ -622,15 +515,15 @@ class Supervisor:
             except Exception:  # a fault of ours must not end the watch (and the service)
                 _log.exception("watchdog_kv.internal_error", what="watch")
             serving = [s for s in self.servers.values() if s.spec.role in SERVING_ROLES]
-            if serving and all(s.state == "failed" for s in serving):
+            if serving and all(s.state == ServerState.FAILED for s in serving):
                 return serving[-1]
             await asyncio.sleep(poll_s)
 
     def _check_deaths(self) -> None:
-        ready = [s for s in self.servers.values() if s.state == "ready"]
+        ready = [s for s in self.servers.values() if s.state == ServerState.READY]
         records = procrecords.read_records(self.run_dir) if ready else []
         for srv in ready:
-            if self._stopping or srv.state != "ready":
+            if self._stopping or srv.state != ServerState.READY:
                 continue
             code = srv.proc.poll()
             dead = self._dead_engines(srv, records)
@@ -638,8 +531,9 @@ class Supervisor:
                 self._died(srv, code, dead)
 
     def _died(self, srv: _Server, code: int | None, dead: list[dict[str, Any]]) -> None:
-        srv.state, srv.exit_code = "exited", code
-        self._changed.set()
+        if not self._move(srv, ServerEvent.EXIT):
+            return
+        srv.exit_code = code
         action = "restart" if not self.draining else "none (draining)"
         if code is not None:
             what = f"exited with {_exit_cause(code)}"
@@ -670,7 +564,7 @@ class Supervisor:
         """The crash incident first (a restart kills what is left), then a restart --
         unless the server crashed the same way as the last time."""
         srv.death = None
-        if _stable(srv):
+        if stable(srv.ready_since):
             srv.last_crash = None  # stable since the last one: not a crash loop
         crash = await self._examine(srv, code, dead)
         cause = what
@@ -698,7 +592,7 @@ class Supervisor:
             *(asyncio.to_thread(s.proc.stop, self.options.stop_grace_s) for s in started)
         )
         for srv, killed in zip(started, results, strict=True):
-            srv.state = "stopped"
+            self._move(srv, ServerEvent.STOP)
             if killed:
                 _log.warning(
                     "server.killed",
@@ -732,7 +626,7 @@ class Supervisor:
             out[name] = {
                 "role": srv.spec.role,
                 "live": srv.proc.pid is not None and srv.proc.poll() is None,
-                "ready": srv.state == "ready",
+                "ready": srv.state == ServerState.READY,
                 "progressing": not stalls,
                 "state": srv.state,
                 "stalls": [s.describe() for s in stalls],
@@ -776,7 +670,11 @@ class Supervisor:
         new requests to the other ranks."""
         out = []
         for srv in self.servers.values():
-            if srv.spec.role != role or srv.state != "ready" or srv.proc.poll() is not None:
+            if (
+                srv.spec.role != role
+                or srv.state != ServerState.READY
+                or srv.proc.poll() is not None
+            ):
                 continue
             stalls = self.stalls(srv.spec.name) if self.settings.stall_action != "observe" else []
             if stalls and (role != "plain" or self._every_rank_stalled(stalls)):
@@ -802,7 +700,10 @@ class Supervisor:
                 s
                 for s in self.servers.values()
                 if s.spec.role == role
-                and (s.state in _COMING_BACK or (s.state == "ready" and s.proc.poll() is not None))
+                and (
+                    s.state in COMING_BACK
+                    or (s.state == ServerState.READY and s.proc.poll() is not None)
+                )
             ]
             if left <= 0 or not pending or self._stopping:
                 return []
@@ -819,14 +720,10 @@ class Supervisor:
     def ready(self) -> bool:
         """Start-up is done and at least one server able to answer clients is ready."""
         return self._up and any(
-            s.state == "ready" for s in self.servers.values() if s.spec.role in SERVING_ROLES
+            s.state == ServerState.READY
+            for s in self.servers.values()
+            if s.spec.role in SERVING_ROLES
         )
-
-
-def _stable(srv: _Server) -> bool:
-    """Ready for :data:`STABLE_S`: its next failure starts a new row (of restarts, and
-    of crashes)."""
-    return srv.ready_since is not None and time.monotonic() - srv.ready_since >= STABLE_S
 
 
 def _exit_cause(code: int) -> str:

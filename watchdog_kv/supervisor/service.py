@@ -21,7 +21,9 @@ from watchdog_kv.config import Settings
 from watchdog_kv.router import RouterServer
 from watchdog_kv.router.app import INFLIGHT
 from watchdog_kv.supervisor import ports
-from watchdog_kv.supervisor.core import ServeOptions, StartupError, Supervisor
+from watchdog_kv.supervisor.core import Supervisor
+from watchdog_kv.supervisor.errors import StartupError
+from watchdog_kv.supervisor.plan import ServeOptions
 from watchdog_kv.telemetry import get_logger, tracing
 
 __all__ = ["EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_OK", "run_service"]

@@ -1,22 +1,18 @@
-"""The Ray backend: each vLLM server hosted by a Ray actor in its own placement group.
+"""The supervisor side of the Ray backend: a vLLM server hosted by a Ray actor.
 
-``watchdog-kv serve --backend ray`` connects to a Ray cluster that already runs
-(``ray start --head`` on one machine, ``ray start --address=HEAD:PORT`` on the
-others); it never starts one. For each server, :class:`RayServer`:
+For each server, :class:`RayServer`:
 
-1. reserves a placement group of one bundle (``{"CPU": 1}`` unless told
+1. reserves a placement group of one bundle (:data:`DEFAULT_BUNDLE` unless told
    otherwise, strategy ``STRICT_PACK``) named after the run directory and the
    server, and waits at most ``placement_timeout_s`` for Ray to place it. A
-   bundle the cluster cannot hold in time is a :class:`PlacementTimeout` naming
-   the server, the bundle and what the cluster has free, and the placement group
+   bundle the cluster cannot hold in time is a
+   :class:`~watchdog_kv.supervisor.ray.cluster.PlacementTimeout` naming the
+   server, the bundle and what the cluster has free, and the placement group
    is removed again;
-2. starts a :class:`ServerHost` actor inside that bundle (normal lifetime, no
-   Ray restarts: the supervisor owns the restart policy). On its node the actor
-   checks that the server's ports are free, then starts the stock vLLM OpenAI
-   server as a :class:`~watchdog_kv.supervisor.process.ManagedProcess` -- its
-   own process group, its log in ``<run_dir>/logs/<server>.log`` *on that node*
-   -- listening on the node's address, so :attr:`RayServer.url` is where the
-   server really answers.
+2. starts a :class:`~watchdog_kv.supervisor.ray.host.ServerHost` actor inside
+   that bundle (normal lifetime, no Ray restarts: the supervisor owns the
+   restart policy), which starts the server on its node's address, so
+   :attr:`RayServer.url` is where the server really answers.
 
 The supervisor sees a :class:`~watchdog_kv.supervisor.launch.ServerProcess`
 like any other. :meth:`RayServer.poll` never waits on Ray: a thread asks the
@@ -25,41 +21,38 @@ server's tree and the last log lines, and caches the answer. An actor that dies
 (killed, its node lost) reports :data:`ACTOR_LOST_EXIT_CODE` and the cause,
 shown by :meth:`RayServer.where` and at the end of :meth:`RayServer.tail`.
 
-Nothing outlives its host. The vLLM server is started with
-``PR_SET_PDEATHSIG=SIGTERM``, so when the actor's process dies -- even by
-SIGKILL -- the server gets SIGTERM and shuts its engine down. When the actor
-is gone, :meth:`RayServer.stop` also sends a small task to the same node that
-stops whatever is left of the tree it last saw (checked by pid *and* start
-time, so a reused pid is never hit). The actor shares the supervisor's fate:
-Ray ends it when the supervisor's connection ends. :meth:`RayServer.stop` then
-:meth:`RayServer.start` is a restart: a new placement group and a new actor,
-possibly on another node.
-
-The actor imports ``watchdog_kv`` and runs vLLM from the Python environment the
-Ray node was started with; no code is shipped through ``runtime_env``. The
-supervisor's ``WATCHDOG_KV_*``, ``VLLM_*``, ``UCX_*`` (and similar, see
-:data:`FORWARDED_ENV_PREFIXES`) variables are passed to the server.
+Nothing outlives its host. When the actor is gone, :meth:`RayServer.stop`
+sends :func:`~watchdog_kv.supervisor.ray.host.reap_tree` to the same node,
+which stops whatever is left of the tree it last saw (checked by pid *and*
+start time, so a reused pid is never hit). The actor shares the supervisor's
+fate: Ray ends it when the supervisor's connection ends. :meth:`RayServer.stop`
+then :meth:`RayServer.start` is a restart: a new placement group and a new
+actor, possibly on another node. The supervisor's ``WATCHDOG_KV_*``,
+``VLLM_*``, ``UCX_*`` (and similar, see :data:`FORWARDED_ENV_PREFIXES`)
+variables are passed to the server.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import logging
 import os
 import signal
-import socket
 import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import psutil
-
-from watchdog_kv.supervisor.core import StartupError
-from watchdog_kv.supervisor.ports import PortInUseError, check_free
-from watchdog_kv.supervisor.process import ManagedProcess, stop_processes
+from watchdog_kv.supervisor.ray.cluster import (
+    PlacementTimeout,
+    RayBackendError,
+    connect,
+    first_line,
+    free_and_total,
+    remote,
+)
+from watchdog_kv.supervisor.ray.host import TAIL_LINES, ServerHost, reap_tree
 from watchdog_kv.supervisor.servers import ServerSpec
 from watchdog_kv.telemetry import get_logger
 
@@ -68,12 +61,7 @@ __all__ = [
     "DEFAULT_BUNDLE",
     "FORWARDED_ENV_PREFIXES",
     "POLL_INTERVAL_S",
-    "PlacementTimeout",
-    "RayBackendError",
-    "RayClusterUnreachable",
     "RayServer",
-    "ServerHost",
-    "connect",
 ]
 
 _log = get_logger("watchdog_kv.supervisor")
@@ -100,215 +88,8 @@ FORWARDED_ENV_PREFIXES = (
 
 _CALL_TIMEOUT_S = 10.0  # one answer from a live actor (poll, tail, stop's margin)
 _LAUNCH_TIMEOUT_S = 120.0  # the actor's worker process started and the server spawned
-_CONNECT_TIMEOUT_S = 5.0  # the TCP probe of the cluster's address before ray.init
-_TAIL_CACHED = 25  # log lines each poll brings back (what error messages quote)
-_NAMESPACE = "watchdog_kv"
 
 
-class RayBackendError(StartupError):
-    """A server could not be placed or started on the Ray cluster; the message says why."""
-
-
-class RayClusterUnreachable(RayBackendError):
-    def __init__(self, address: str, reason: str) -> None:
-        super().__init__(
-            f"no Ray cluster reachable at {address}: {reason}. The Ray backend connects to a "
-            "running cluster (`ray start --head` on the head node) and never starts one; "
-            "pass its address with --ray-address HOST:PORT or RAY_ADDRESS"
-        )
-        self.address = address
-
-
-class PlacementTimeout(RayBackendError):
-    def __init__(
-        self,
-        name: str,
-        bundle: Mapping[str, float],
-        timeout_s: float,
-        available: Mapping[str, float],
-        total: Mapping[str, float],
-    ) -> None:
-        super().__init__(
-            f"placement group for {name} ({_resources(bundle)}) not placed within "
-            f"{timeout_s:g} s; the cluster has {_resources(available)} available "
-            f"(of {_resources(total)} in total)"
-        )
-        self.name, self.bundle, self.timeout_s = name, dict(bundle), timeout_s
-        self.available = dict(available)
-
-
-def _resources(res: Mapping[str, float]) -> dict[str, float]:
-    """Resources as an operator reads them: no per-node markers, memory in GiB."""
-    out: dict[str, float] = {}
-    for key, value in sorted(res.items()):
-        if key.startswith("node:"):
-            continue
-        if key in ("memory", "object_store_memory"):
-            out[f"{key}_gib"] = round(value / 2**30, 1)
-        else:
-            out[key] = value
-    return out
-
-
-# -- connecting ------------------------------------------------------------------------
-_connect_lock = threading.Lock()
-
-
-def connect(address: str | None) -> None:
-    """Connect this process to the running Ray cluster at ``address`` (once per process).
-
-    ``None`` means ``"auto"``: ``RAY_ADDRESS``, else the cluster last started on
-    this machine. A process already connected (``ray.is_initialized()``) is left
-    as it is. Raises :class:`RayClusterUnreachable` instead of starting a
-    cluster or retrying for minutes. The process's SIGTERM handling is left as
-    it was (``ray.init`` would replace it).
-    """
-    try:
-        import ray
-    except ImportError as exc:
-        raise RayBackendError("the Ray backend needs Ray: pip install 'watchdog_kv[ray]'") from exc
-    with _connect_lock:
-        if ray.is_initialized():
-            return
-        target = _resolve_address(address or "auto")
-        _keep_sigterm_quiet()
-        # ray.init makes SIGTERM call sys.exit when called on the main thread (and
-        # warns when not); the supervisor drains and stops its servers on SIGTERM,
-        # so its own handler is put back.
-        on_sigterm = signal.getsignal(signal.SIGTERM)
-        worker_log = logging.getLogger("ray._private.worker")
-        worker_log.addFilter(_no_sigterm_warning)
-        try:
-            ray.init(
-                address=target,
-                namespace=_NAMESPACE,
-                log_to_driver=False,  # each server's log is its own file
-                logging_level=logging.WARNING,
-            )
-        except Exception as exc:
-            raise RayClusterUnreachable(target, _first_line(exc)) from exc
-        finally:
-            worker_log.removeFilter(_no_sigterm_warning)
-            if on_sigterm is not None and threading.current_thread() is threading.main_thread():
-                signal.signal(signal.SIGTERM, on_sigterm)
-        _log.info("ray.connected", address=target, resources=_resources(_free_and_total()[1]))
-
-
-def _keep_sigterm_quiet() -> None:
-    """No stack dump on SIGTERM: Ray's driver installs a C++ failure-signal handler
-    that prints one before passing the signal on, and a supervisor is stopped
-    with SIGTERM on purpose. An operator's ``RAY_DISABLE_FAILURE_SIGNAL_HANDLER``
-    wins."""
-    if "RAY_DISABLE_FAILURE_SIGNAL_HANDLER" in os.environ:
-        return
-    with contextlib.suppress(ImportError):
-        from ray._private import ray_constants
-
-        ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER = True
-
-
-def _no_sigterm_warning(record: logging.LogRecord) -> bool:
-    return not str(record.msg).startswith("SIGTERM handler is not set")
-
-
-def _resolve_address(address: str) -> str:
-    """``host:port`` of the cluster, checked to accept connections (``ray.init`` would
-    otherwise retry an unreachable address for minutes)."""
-    if "://" in address:  # ray:// (Ray Client) and the like: Ray's own checks apply
-        return address
-    try:
-        from ray._private.services import canonicalize_bootstrap_address_or_die
-    except ImportError:  # moved in some Ray release: let ray.init resolve it
-        return address
-    try:
-        target: str = canonicalize_bootstrap_address_or_die(address)
-    except (ConnectionError, ValueError) as exc:
-        raise RayClusterUnreachable(address, str(exc).splitlines()[0]) from exc
-    host, _, port = target.rpartition(":")
-    try:
-        with socket.create_connection((host.strip("[]"), int(port)), _CONNECT_TIMEOUT_S):
-            pass
-    except (OSError, ValueError) as exc:
-        raise RayClusterUnreachable(target, f"cannot connect: {exc}") from exc
-    return target
-
-
-# -- on the node: the actor ----------------------------------------------------------------
-class ServerHost:
-    """The actor's body: hosts one vLLM server's process tree on the actor's node.
-
-    Methods run on the actor's main thread, one at a time: the thread that
-    starts the server is the one whose death ``PR_SET_PDEATHSIG`` watches.
-    """
-
-    def __init__(self) -> None:
-        self._proc: ManagedProcess | None = None
-
-    def launch(
-        self, spec: ServerSpec, run_dir: Path, forwarded_env: Mapping[str, str]
-    ) -> dict[str, Any]:
-        """Start the server on this node's address; its placed spec and where it runs."""
-        import ray
-
-        node_ip: str = ray.util.get_node_ip_address()  # type: ignore[no-untyped-call,unused-ignore]
-        placed = dataclasses.replace(spec, host=node_ip)
-        context = ray.get_runtime_context()
-        where: dict[str, Any] = {
-            "node_ip": node_ip,
-            "node_id": context.get_node_id(),
-            "actor_id": context.get_actor_id(),
-            "actor_pid": os.getpid(),
-        }
-        try:
-            check_free(node_ip, placed.port, f"{spec.name} HTTP")
-            check_free(node_ip, placed.side_channel_port, f"{spec.name} NIXL side channel")
-        except PortInUseError as exc:
-            return {**where, "error": str(exc)}
-        env = placed.env({**os.environ, **forwarded_env}, run_dir)
-        self._proc = ManagedProcess(
-            spec.name, placed.argv(), env, run_dir / "logs" / f"{spec.name}.log"
-        )
-        self._proc.start()
-        return {**where, "spec": placed, "pid": self._proc.pid}
-
-    def poll(self) -> dict[str, Any]:
-        """The server's exit code (None while it runs), its tree and its last log lines."""
-        if self._proc is None:
-            return {"code": None, "tree": [], "tail": []}
-        tree = []
-        for proc in self._proc.tree():
-            with contextlib.suppress(psutil.Error):
-                tree.append((proc.pid, proc.create_time()))
-        return {"code": self._proc.poll(), "tree": tree, "tail": self._proc.tail(_TAIL_CACHED)}
-
-    def tail(self, lines: int) -> list[str]:
-        return self._proc.tail(lines) if self._proc is not None else []
-
-    def stop(self, grace: float) -> tuple[list[int], int | None]:
-        """Stop the whole tree (SIGTERM, ``grace`` seconds, SIGKILL): the pids
-        killed and the server's exit code."""
-        if self._proc is None:
-            return [], None
-        killed = self._proc.stop(grace)
-        return killed, self._proc.poll()
-
-
-def _reap_tree(pgid: int, tree: list[tuple[int, float]], grace: float) -> list[int]:
-    """Stop what is left of a server's tree whose actor died; runs on that node.
-
-    Only processes still matching a recorded (pid, start time) are signalled,
-    and the process group only while one of them still leads or belongs to it.
-    """
-    procs: list[psutil.Process] = []
-    for pid, created in tree:
-        with contextlib.suppress(psutil.Error):
-            proc = psutil.Process(pid)
-            if abs(proc.create_time() - created) < 0.01:
-                procs.append(proc)
-    return stop_processes(pgid, procs, grace, group_is_ours=False)
-
-
-# -- in the supervisor ------------------------------------------------------------------------
 class RayServer:
     """A vLLM server hosted by a Ray actor in its own placement group.
 
@@ -394,7 +175,7 @@ class RayServer:
         """The server's last log lines, as of the last poll; a dead actor's cause last."""
         with self._state.lock:
             cached, cause = list(self._state.tail), self._state.cause
-        if lines > _TAIL_CACHED and self._actor is not None and cause is None:
+        if lines > TAIL_LINES and self._actor is not None and cause is None:
             with contextlib.suppress(Exception):
                 import ray
 
@@ -446,7 +227,7 @@ class RayServer:
                 self.name,
                 self.bundle,
                 self.placement_timeout_s,
-                *_free_and_total(),
+                *free_and_total(),
             )
             with contextlib.suppress(Exception):
                 ray.util.remove_placement_group(pg)
@@ -467,7 +248,7 @@ class RayServer:
 
         custom = {k: v for k, v in self.bundle.items() if k not in ("CPU", "GPU", "memory")}
         self._actor = (
-            _remote(ServerHost)
+            remote(ServerHost)
             .options(
                 num_cpus=self.bundle.get("CPU", 0),
                 num_gpus=self.bundle.get("GPU", 0),
@@ -494,11 +275,11 @@ class RayServer:
             ) from None
         except RayActorError as exc:
             raise RayBackendError(
-                f"the Ray actor for {self.name} died while starting: {_first_line(exc)}"
+                f"the Ray actor for {self.name} died while starting: {first_line(exc)}"
             ) from exc
         except RayTaskError as exc:
             raise RayBackendError(
-                f"the Ray actor for {self.name} failed to start it: {_first_line(exc.cause)}"
+                f"the Ray actor for {self.name} failed to start it: {first_line(exc.cause)}"
             ) from exc
         self._where = {k: info[k] for k in ("node_ip", "node_id", "actor_id", "actor_pid")}
         if "error" in info:
@@ -518,7 +299,7 @@ class RayServer:
                     self._actor.stop.remote(grace), timeout=grace + _CALL_TIMEOUT_S
                 )
             except RayError as exc:
-                _log.warning("ray.stop_failed", server=self.name, error=_first_line(exc))
+                _log.warning("ray.stop_failed", server=self.name, error=first_line(exc))
             else:
                 with self._state.lock:
                     if self._state.code is None:
@@ -541,7 +322,7 @@ class RayServer:
         node_id = self._where.get("node_id")
         if not tree or self._pid is None or node_id is None:
             return []
-        task = _remote(_reap_tree).options(
+        task = remote(reap_tree).options(
             num_cpus=0,
             max_retries=0,
             scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
@@ -556,7 +337,7 @@ class RayServer:
                 server=self.name,
                 node_id=node_id,
                 pids=[pid for pid, _ in tree],
-                error=_first_line(exc),
+                error=first_line(exc),
             )
             return []
         if killed:
@@ -630,7 +411,7 @@ class _Watch(threading.Thread):
                 self._actor_died(_death_cause(exc))
                 return
             except RayError as exc:
-                _log.warning("ray.poll_failed", server=self._server, error=_first_line(exc))
+                _log.warning("ray.poll_failed", server=self._server, error=first_line(exc))
                 reply = None
             if reply is not None:
                 with self._state.lock:
@@ -650,33 +431,8 @@ class _Watch(threading.Thread):
         _log.error("ray.actor_died", server=self._server, cause=cause)
 
 
-_remotes: dict[Any, Any] = {}
-
-
-def _remote(target: Any) -> Any:
-    """``ray.remote(target)``, made once per process."""
-    import ray
-
-    if target not in _remotes:
-        _remotes[target] = ray.remote(target)
-    return _remotes[target]
-
-
-def _free_and_total() -> tuple[dict[str, float], dict[str, float]]:
-    """The cluster's available and total resources."""
-    import ray
-
-    state: Any = ray
-    return dict(state.available_resources()), dict(state.cluster_resources())
-
-
 def _death_cause(exc: BaseException) -> str:
     """Why Ray says an actor died, without its identity lines and generic advice."""
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip() and not ln[0].isspace()]
     text = " ".join(lines[1:]) or (lines[0] if lines else type(exc).__name__)
     return text.split(" Some common causes include")[0][:400]
-
-
-def _first_line(exc: BaseException | None) -> str:
-    text = str(exc).strip() if exc is not None else ""
-    return text.splitlines()[0] if text else type(exc).__name__
