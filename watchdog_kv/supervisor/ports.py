@@ -4,8 +4,6 @@ Ports the supervisor chooses are taken *below* the kernel's ephemeral range
 (``/proc/sys/net/ipv4/ip_local_port_range``): between choosing a port and the
 vLLM process binding it, any process binding port 0 -- a ZeroMQ socket, an
 outgoing connection -- gets an ephemeral port, so it can never take ours.
-(Measured: a prefill's NIXL side channel lost its port that way and the
-server never became ready.)
 """
 
 from __future__ import annotations

