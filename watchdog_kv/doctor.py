@@ -124,6 +124,7 @@ def _installed(dist: str) -> bool:
 _STACK_PROBE = r"""
 import json, logging, os
 os.environ.setdefault("VLLM_PLUGINS", "")  # vLLM's own import only, not its plugins
+os.environ["WATCHDOG_KV_ENABLED"] = "0"  # the table is read, nothing is installed
 logging.disable(logging.CRITICAL)
 out = {}
 def step(name, fn):
@@ -151,6 +152,15 @@ def isa():
     return _get_attn_isa(torch.bfloat16, 128, 64)
 if out["stack"]["ok"]:
     step("isa", isa)
+def touch_points():
+    from watchdog_kv.instrument import registry
+    gone = registry.missing()
+    if gone:
+        raise LookupError(", ".join(gone))
+    count = len({t for targets in registry.TABLE.values() for t in targets})
+    return f"the {count} vLLM methods watchdog_kv wraps are all there"
+if out["stack"]["ok"]:
+    step("touch points", touch_points)
 print(json.dumps(out))
 """
 
@@ -225,6 +235,20 @@ def _stack(probe: dict[str, Any]) -> list[Finding]:
             )
         ]
     out.append(Finding("stack", "ok", str(stack.get("detail"))))
+    touch = probe.get("touch points", {})
+    if touch.get("ok"):
+        out.append(Finding("vllm touch points", "ok", str(touch.get("detail"))))
+    elif touch:
+        out.append(
+            Finding(
+                "vllm touch points",
+                "warn",
+                f"missing in this vLLM: {touch.get('detail')}",
+                "the instrumentors that need them stay off (logged as "
+                "watchdog_kv.instrumentor_off); vLLM runs unwatched there. Use the vLLM "
+                "version pyproject.toml names",
+            )
+        )
     nixl = probe.get("nixl", {})
     if nixl.get("ok"):
         out.append(Finding("nixl", "ok", str(nixl.get("detail"))))

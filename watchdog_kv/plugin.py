@@ -17,8 +17,11 @@ own pid). It:
 3. otherwise, first of all, asks for AMX tile permission where the CPU has AMX
    (:mod:`watchdog_kv.host.amx`: without it stock vLLM dies of SIGILL on such
    hosts) and then keeps a native-crash record (:mod:`watchdog_kv.crash.record`);
-4. tells the process role, installs the hooks and writes the status record
-   ``<state_dir>/procs/<pid>.json``, then logs ``watchdog_kv.registered``.
+4. tells the process role, installs the instrumentors of that role
+   (:func:`instrumentors`, one per place vLLM is touched: each checks the vLLM
+   methods it needs and stays off, logged by name, when one is missing) and
+   writes the status record ``<state_dir>/procs/<pid>.json`` listing what was
+   actually installed, then logs ``watchdog_kv.registered``.
 
 Any failure of watchdog_kv's own (not a configuration error) is logged and
 leaves the plugin disabled in that process: vLLM carries on untouched.
@@ -33,15 +36,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from watchdog_kv import config, faults, process, seeds
+from watchdog_kv import config, process
 from watchdog_kv.crash import record as crash_record
 from watchdog_kv.guard import contained
-from watchdog_kv.host import amx, cpus
-from watchdog_kv.kv import hooks as kv_hooks
-from watchdog_kv.step import hooks as step_hooks
+from watchdog_kv.host import amx
+from watchdog_kv.instrument.base import Instrumentor
 from watchdog_kv.telemetry import logs, metrics, tracing
 
-__all__ = ["Registration", "current", "register", "unregister"]
+__all__ = ["Registration", "current", "instrumentors", "register", "unregister"]
 
 _log = logs.get_logger("watchdog_kv.plugin")
 _lock = threading.RLock()
@@ -59,6 +61,8 @@ class Registration:
     metrics_stop: threading.Event | None = None
     amx_state: amx.AmxState | None = None
     crash_record: str | None = None
+    instrumentors: list[Instrumentor] = field(default_factory=list)
+    base_hooks: list[str] = field(default_factory=list)  # before the instrumentors'
 
 
 _current: Registration | None = None
@@ -119,8 +123,6 @@ def register() -> Registration:
                 reg.hooks.append(
                     "crash.faulthandler" if path is not None else "crash.operator_faulthandler"
                 )
-            if reg.identity.role == "api_server":
-                faults.maybe_crash(settings.fault, settings.state_dir, settings.server)
             if reg.identity.role in ("engine_core", "worker"):
                 # the KV spans live here; the API server's part is the router's to trace
                 tracing.setup(
@@ -130,12 +132,13 @@ def register() -> Registration:
                     process=reg.identity.role,
                     rank=reg.identity.rank,
                 )
-            reg.hooks += kv_hooks.install(settings, reg.identity.rank, _publisher(reg))
-            reg.hooks += _install_step_watch(settings, reg.identity.role)
-            if reg.identity.role in ("engine_core", "worker"):  # where a model runner may be
-                reg.hooks += seeds.install()
-            if reg.identity.role == "engine_core":
-                reg.hooks += cpus.install(settings.server, _publisher(reg, "cpus"))
+            reg.base_hooks = list(reg.hooks)
+            for inst in instrumentors(reg):
+                with contained(f"instrument {inst.name}"):
+                    inst.on_change = _hooks_changed(reg)
+                    if inst.instrument(settings):
+                        reg.instrumentors.append(inst)
+            reg.hooks = _hooks(reg)
             record = process.StatusRecord(
                 pid=reg.pid,
                 ppid=os.getppid(),
@@ -153,7 +156,7 @@ def register() -> Registration:
             reg.record_path = str(process.write_record(settings.state_dir, record))
             if reg.identity.role in ("engine_core", "worker"):
                 reg.metrics_stop = metrics.publish_every(
-                    2.0, _publisher(reg, "metrics"), also=kv_hooks.flush
+                    2.0, _publisher(reg, "metrics"), also=_flush(reg)
                 )
             _log.info(
                 "watchdog_kv.registered",
@@ -188,17 +191,76 @@ def _ask_for_amx(reg: Registration) -> list[str]:
     return []
 
 
-def _install_step_watch(settings: config.Settings, role: str) -> list[str]:
-    """Engine cores and workers publish their steps; API servers guard their engines."""
-    if role in ("engine_core", "worker"):
-        from watchdog_kv.step.watch import StepWatch
+def instrumentors(reg: Registration) -> list[Instrumentor]:
+    """The instrumentors of this process's role, in the order they are installed (fault
+    injection first, so its layers sit beneath the watches': a stall it injects into a
+    step happens inside the step the watch times)."""
+    from watchdog_kv.instrument.api_server import ApiServerInstrumentor
+    from watchdog_kv.instrument.connector import ConnectorInstrumentor
+    from watchdog_kv.instrument.engine_core import EngineCoreInstrumentor
+    from watchdog_kv.instrument.faults import FaultInstrumentor
+    from watchdog_kv.instrument.model_runner import ModelRunnerInstrumentor
+    from watchdog_kv.instrument.nixl import NixlInstrumentor
+    from watchdog_kv.instrument.openmp import OpenMPInstrumentor
+    from watchdog_kv.instrument.scheduler import SchedulerInstrumentor
+    from watchdog_kv.instrument.worker import WorkerInstrumentor
+    from watchdog_kv.step.watch import StepWatch
 
-        watch = StepWatch(settings, role)
-        logs.set_recorder(watch.record)
-        return step_hooks.install(watch)
+    settings, role = reg.settings, reg.identity.role
+    step = None
+    if role in ("engine_core", "worker"):
+        step = StepWatch(settings, role)
+        logs.set_recorder(step.record)
+    connectors = ConnectorInstrumentor(reg.identity.rank, _publisher(reg), step)
+    out: list[Instrumentor] = []
+    if settings.fault.active:
+        out.append(FaultInstrumentor(role, connectors))
+    out += [connectors, SchedulerInstrumentor()]
+    if settings.nixl_progress_delay_us:
+        out.append(NixlInstrumentor())
+    if role == "engine_core" and step is not None:
+        out += [
+            EngineCoreInstrumentor(step),
+            OpenMPInstrumentor(settings.server, _publisher(reg, "cpus")),
+        ]
+    if role == "worker" and step is not None:
+        out.append(WorkerInstrumentor(step))
+    if role in ("engine_core", "worker"):  # where a model runner may be
+        out.append(ModelRunnerInstrumentor())
     if role == "api_server":
-        return step_hooks.install_front(settings)
-    return []
+        out.append(ApiServerInstrumentor())
+    return out
+
+
+def _hooks(reg: Registration) -> list[str]:
+    """What is installed in this process: the instrumentors' hooks are the targets they
+    actually wrapped (those of a module vLLM has not imported yet appear once it has)."""
+    out = list(reg.base_hooks)
+    for inst in reg.instrumentors:
+        if inst.active:
+            out += [h for h in inst.hooks() if h not in out]
+    return out
+
+
+def _hooks_changed(reg: Registration) -> Callable[[], None]:
+    def changed() -> None:
+        with _lock:
+            reg.hooks = _hooks(reg)
+            if reg.record is not None and current() is reg:
+                reg.record.hooks = list(reg.hooks)
+                process.write_record(reg.settings.state_dir, reg.record)
+
+    return changed
+
+
+def _flush(reg: Registration) -> Callable[[], None]:
+    def flush() -> None:
+        for inst in reg.instrumentors:
+            flush_one = getattr(inst, "flush", None)
+            if flush_one is not None:
+                flush_one()
+
+    return flush
 
 
 def _publisher(reg: Registration, part: str = "kv") -> Callable[[dict[str, Any]], None]:
@@ -222,10 +284,8 @@ def unregister() -> None:
         _current = None
         if reg is not None and reg.metrics_stop is not None:
             reg.metrics_stop.set()
-        kv_hooks.uninstall()
-        step_hooks.uninstall()
-        seeds.uninstall()
-        cpus.uninstall()
+        for inst in reversed(reg.instrumentors if reg is not None else []):
+            inst.uninstrument()
         crash_record.disable()
         logs.set_recorder(None)
         if reg is None or reg.record_path is None:

@@ -17,12 +17,11 @@ An idle engine with nothing outstanding is never stuck.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from watchdog_kv import process as procrecords
 from watchdog_kv.beacon import BeaconView, Phase
 from watchdog_kv.telemetry import get_logger
 

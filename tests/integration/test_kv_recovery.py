@@ -27,8 +27,8 @@ from pathlib import Path
 
 import pytest
 
-from watchdog_kv.kv.lease import LEASE_PARAM
 from watchdog_kv.monitor.evidence import process_state
+from watchdog_kv.wire import LEASE as LEASE_PARAM
 
 from .conftest import (
     base_env,

@@ -6,7 +6,7 @@ every chunk but the last is thrown away and its draws undone with
 ``generator.set_offset(...)``, which a CPU generator does not have. Stock vLLM
 on CPU therefore kills its engine on such a seeded request (the control). With
 the plugin it answers, and its answer is the one a server that computes the
-prompt in one step gives (watchdog_kv/seeds.py restores the generator instead).
+prompt in one step gives (watchdog_kv/instrument/model_runner.py restores the generator instead).
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from watchdog_kv import doctor, process
+from watchdog_kv import config, doctor, process
 from watchdog_kv.host import amx, cpus
 
 AMX_CPUINFO = "processor\t: 0\nflags\t\t: fpu sse avx512f amx_bf16 amx_tile amx_int8\n"
@@ -240,7 +240,10 @@ def test_the_claims_folder_must_be_private(tmp_path):
 def test_the_hook_claims_in_vllms_omp_manager_and_can_be_removed(tmp_path, monkeypatch):
     """The wrapper around OMPProcessManager._parse_omp_threads_bind_env, on a stand-in
     module (vLLM's is used in the integration tests): vLLM parses, then we adjust."""
-    from types import SimpleNamespace
+    import types
+
+    from watchdog_kv.instrument.base import Target
+    from watchdog_kv.instrument.openmp import OpenMPInstrumentor
 
     monkeypatch.setattr(cpus, "claims_dir", lambda: _claims(tmp_path))
 
@@ -248,18 +251,24 @@ def test_the_hook_claims_in_vllms_omp_manager_and_can_be_removed(tmp_path, monke
         def _parse_omp_threads_bind_env(self):
             self.skip_setup, self.auto_setup, self.cpu_lists = False, True, [[0]]
 
-    module = SimpleNamespace(OMPProcessManager=OMPProcessManager)
+    module = types.ModuleType("wkv_stand_in_omp")
+    module.OMPProcessManager = OMPProcessManager
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+
+    class Stand_in(OpenMPInstrumentor):
+        targets = (Target(module.__name__, "OMPProcessManager", "_parse_omp_threads_bind_env"),)
+
     published = []
-    monkeypatch.setattr(cpus, "_registered", True)  # no post-import hook in the test process
-    assert cpus.install("decode-0", published.append) == ["host.cpu_claims"]
+    inst = Stand_in("decode-0", published.append)
+    assert inst.instrument(config.load({}))
     try:
-        cpus._patch(module)
+        assert inst.hooks() == ["host.cpu_claims"]
         manager = OMPProcessManager()
         manager._parse_omp_threads_bind_env()
         assert manager.cpu_lists == [[0]]  # nobody else holds a core: vLLM's choice stands
         assert published[-1]["cores"] == [[0]] and published[-1]["overlaps"] == {}
     finally:
-        cpus.uninstall()
+        inst.uninstrument()
     manager = OMPProcessManager()
     original = vars(OMPProcessManager)["_parse_omp_threads_bind_env"]
     assert original.__name__ == "_parse_omp_threads_bind_env"  # put back

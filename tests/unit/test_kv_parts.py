@@ -15,8 +15,8 @@ from watchdog_kv import config
 from watchdog_kv.faults import FaultPlan, parse_faults
 from watchdog_kv.kv.deadlines import DeadlineConfig, Deadlines, Phase
 from watchdog_kv.kv.lease import LeaseClient, LeaseServer
-from watchdog_kv.kv.scheduler import bad_remote_params
 from watchdog_kv.kv.states import LeaseEvent, LeaseTable, Verdict
+from watchdog_kv.wire import bad_remote_params
 
 
 def _deadlines(**kw) -> Deadlines:
@@ -287,23 +287,27 @@ def test_the_prefill_names_its_prompt_and_the_decode_refuses_another_prompts_kv(
     from types import SimpleNamespace
 
     from watchdog_kv import config
-    from watchdog_kv.kv.scheduler import PROMPT_PARAM, SchedulerWatch, prompt_digest
+    from watchdog_kv.instrument.connector import attach
+    from watchdog_kv.wire import PROMPT as PROMPT_PARAM
+    from watchdog_kv.wire import prompt_digest
 
     settings = config.load({"WATCHDOG_KV_STATE_DIR": str(tmp_path)})
-    prefill = SchedulerWatch(FakeNixlConnector(GOOD), settings)
+    prefill_conn = FakeNixlConnector(GOOD)
+    attach(prefill_conn, "scheduler", settings)
     first = SimpleNamespace(request_id="a", prompt_token_ids=[5, 6, 7], kv_transfer_params={})
-    delay, params = prefill.connector.request_finished(first, [[1, 2]])
+    delay, params = prefill_conn.request_finished(first, [[1, 2]])
     assert delay and params[PROMPT_PARAM] == prompt_digest([5, 6, 7]) == prompt_digest((5, 6, 7))
     assert bad_remote_params(params) is None
 
-    decode = SchedulerWatch(FakeNixlConnector({}), settings)
+    decode_conn = FakeNixlConnector({})
+    decode = attach(decode_conn, "scheduler", settings).watch
     same = SimpleNamespace(request_id="b", prompt_token_ids=[5, 6, 7], kv_transfer_params=params)
-    assert decode.connector.get_num_new_matched_tokens(same, 0) == (40, True)  # pulled
+    assert decode_conn.get_num_new_matched_tokens(same, 0) == (40, True)  # pulled
     other = SimpleNamespace(request_id="c", prompt_token_ids=[5, 6, 8], kv_transfer_params=params)
-    assert decode.connector.get_num_new_matched_tokens(other, 0) == (0, False)  # computed here
+    assert decode_conn.get_num_new_matched_tokens(other, 0) == (0, False)  # computed here
     assert other.kv_transfer_params["do_remote_prefill"] is False and decode.refused_params == 1
     # a prefill without watchdog_kv names no prompt: nothing to compare, the KV is used
     plain = {k: v for k, v in params.items() if k != PROMPT_PARAM}
     unnamed = SimpleNamespace(request_id="d", prompt_token_ids=[9], kv_transfer_params=plain)
-    assert decode.connector.get_num_new_matched_tokens(unnamed, 0) == (40, True)
+    assert decode_conn.get_num_new_matched_tokens(unnamed, 0) == (40, True)
     assert prompt_digest(None) is None and prompt_digest([1]) != prompt_digest([1, 1])

@@ -14,10 +14,14 @@ from dataclasses import asdict, dataclass, field
 import pytest
 
 from watchdog_kv import config
+from watchdog_kv.instrument.connector import attach
+from watchdog_kv.instrument.faults import attach_kv_faults
 from watchdog_kv.kv.deadlines import Phase
 from watchdog_kv.kv.lease import LeaseServer
 from watchdog_kv.kv.states import LeaseEvent, LeaseTable
-from watchdog_kv.kv.worker import RECV_PLAN_ATTR, RecvPlan, WorkerWatch
+from watchdog_kv.kv.worker import WorkerWatch
+from watchdog_kv.wire import RECV_PLANS as RECV_PLAN_ATTR
+from watchdog_kv.wire import RecvPlan
 
 
 @dataclass
@@ -74,27 +78,28 @@ def _step(watch_conn: FakeConnector, finished: set[str] | None = None) -> Result
 def watched(**env: str):
     """A stand-in connector with a watch on it, unhooked afterwards."""
     conn = FakeConnector()
-    watch = WorkerWatch(conn, _settings(**env), rank=0)
+    settings = _settings(**env)
+    got = attach(conn, "worker", settings, 0)
+    if settings.fault.active:
+        attach_kv_faults(got, settings)
     try:
-        yield conn, watch
+        yield conn, got.watch
     finally:
-        watch.unhook()
+        got.detach()
 
 
 @pytest.fixture
 def connector():
-    conn = FakeConnector()
-    watch = WorkerWatch(conn, _settings(), rank=0)
-    yield conn, watch
-    watch.unhook()
+    with watched() as pair:
+        yield pair
 
 
-def test_unhook_restores_the_connectors_own_methods():
+def test_detach_restores_the_connectors_own_methods():
     conn = FakeConnector()
     before = {n: getattr(conn, n).__func__ for n in ("start_load_kv", "get_transfer_results")}
-    watch = WorkerWatch(conn, _settings(), rank=0)
-    assert conn.get_transfer_results.__func__ is not before["get_transfer_results"]
-    watch.unhook()
+    got = attach(conn, "worker", _settings(), 0)
+    assert "get_transfer_results" in vars(conn)
+    got.detach()
     for name, func in before.items():
         assert getattr(conn, name).__func__ is func
     assert "get_transfer_results" not in vars(conn)
@@ -118,7 +123,7 @@ class FakeAdapter:
     def observe_metadata(self, metadata) -> None:
         pass
 
-    def unhook(self) -> None:
+    def close(self) -> None:
         pass
 
 
@@ -263,17 +268,25 @@ def test_own_failure_disables_the_watch_and_vllm_results_pass_untouched(connecto
     assert _step(conn) == Results(finished_recving={"x"}, failed_recving={"x"})
 
 
-def test_vllm_exceptions_pass_through_untouched(connector):
-    conn, _watch = connector
+def test_vllm_exceptions_pass_through_untouched():
     boom = RuntimeError("vLLM's own error")
 
-    def raising(finished):
-        raise boom
+    class Raising(FakeConnector):
+        def get_transfer_results(self, finished_req_ids):
+            raise boom
 
-    _watch._originals["get_transfer_results"] = raising
-    with pytest.raises(RuntimeError) as info:
-        conn.get_transfer_results(set())
-    assert info.value is boom
+        def start_load_kv(self, forward_context, **kwargs):
+            raise boom
+
+    conn = Raising()
+    got = attach(conn, "worker", _settings(), 0)
+    try:
+        for call in (lambda: conn.get_transfer_results(set()), lambda: conn.start_load_kv(None)):
+            with pytest.raises(RuntimeError) as info:
+                call()
+            assert info.value is boom
+    finally:
+        got.detach()
 
 
 def _completed_load(conn: FakeConnector, req: str, lease: list[str] | None = None) -> None:
@@ -303,6 +316,7 @@ def test_fault_delay_reports_late_but_received():
         assert watch.recv.outcomes == {"received": 1}
 
 
+@pytest.mark.needs_vllm  # torch / vLLM
 def test_fault_corrupt_is_reported_broken_and_recomputed():
     with watched(WATCHDOG_KV_FAULT="corrupt:1") as (conn, watch):
         _completed_load(conn, "d3")

@@ -101,6 +101,7 @@ def test_forked_child_registers_with_its_own_pid(env, tmp_path):
     assert names == sorted([f"{os.getpid()}.json", f"{pid}.json"])
 
 
+@pytest.mark.needs_vllm  # torch / vLLM
 def test_import_arms_registration_until_vllm_is_imported(tmp_path):
     """`import watchdog_kv` registers explicitly, but only in a process that uses vLLM."""
     code = (
@@ -122,29 +123,29 @@ def test_import_arms_registration_until_vllm_is_imported(tmp_path):
 def test_a_kv_status_change_held_back_by_the_throttle_is_published_later(monkeypatch):
     """The worker writes its KV status at most once a second from the engine step; the
     last change must still reach the status record (the plugin's thread flushes it)."""
-    from watchdog_kv.kv import hooks as kv_hooks
+    from watchdog_kv.instrument.connector import Attached, ConnectorInstrumentor
 
     published: list[dict] = []
 
     class Watch:
-        connector = object()
         loading = 0
 
         def status(self) -> dict:
             return {"loading": self.loading}
 
     watch = Watch()
-    monkeypatch.setattr(kv_hooks, "_publish", published.append)
-    monkeypatch.setattr(kv_hooks, "_watches", [watch])
-    changed = kv_hooks._throttled_publisher(watch)
+    inst = ConnectorInstrumentor(0, published.append)
+    got = Attached(object(), "worker", watch)
+    inst.attached.append(got)
+    changed = inst._throttled(got)
     watch.loading = 1
     changed()
     watch.loading = 0  # within the second: held back
     changed()
     assert [p["loading"] for p in published] == [1]
-    kv_hooks.flush()
+    inst.flush()
     assert [p["loading"] for p in published] == [1, 0]
-    kv_hooks.flush()  # nothing new
+    inst.flush()  # nothing new
     assert len(published) == 2
 
 

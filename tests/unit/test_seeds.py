@@ -1,4 +1,4 @@
-"""Seeded sampling (watchdog_kv.seeds), against vLLM 0.32's own sampler classes.
+"""Seeded sampling (watchdog_kv.instrument.model_runner), against vLLM 0.32's own sampler classes.
 
 The replay is checked with vLLM's real ``Sampler`` (its CPU Gumbel path and the
 fp64 one) on a fixed sequence of logits: a generator advanced past N steps draws,
@@ -13,10 +13,14 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 
-from watchdog_kv import seeds
+np = pytest.importorskip("numpy", reason="the vLLM stack is not installed (the lint session)")
+torch = pytest.importorskip("torch", reason="the vLLM stack is not installed (the lint session)")
+
+from watchdog_kv import config, wire  # noqa: E402
+from watchdog_kv.instrument import model_runner as seeds  # noqa: E402
+from watchdog_kv.instrument.base import active_layers  # noqa: E402
 
 torch = pytest.importorskip("torch", reason="torch is not installed here")
 sampler_mod = pytest.importorskip("vllm.v1.sample.sampler", reason="vLLM is not installed here")
@@ -92,11 +96,11 @@ def test_an_unknown_sampler_is_not_advanced():
 
 def test_draws_are_read_only_from_a_whole_positive_count():
     def params(value):
-        return SimpleNamespace(extra_args={seeds.DRAWS_ARG: value})
+        return {wire.DRAWS: value}
 
-    assert seeds.draws_to_skip(params(5)) == 5
-    assert [seeds.draws_to_skip(params(v)) for v in (0, -1, True, "5", 2.0)] == [0] * 5
-    assert seeds.draws_to_skip(SimpleNamespace(extra_args=None)) == 0
+    assert wire.draws_to_skip(params(5)) == 5
+    assert [wire.draws_to_skip(params(v)) for v in (0, -1, True, "5", 2.0)] == [0] * 5
+    assert wire.draws_to_skip(None) == 0
 
 
 def runner_for_rewind(generator):
@@ -132,8 +136,8 @@ def test_a_thrown_away_sample_leaves_the_generator_as_it_was():
 
     runner = runner_for_rewind(generator)
     assert callable(runner_mod.GPUModelRunner._bookkeeping_sync)
-    seeds._make_sample(sample)(runner, None, None)
-    assert seeds._make_bookkeeping(bookkeeping)(runner) == "kept"
+    seeds._sample(lambda *a: sample(runner, *a), runner, (None, None), {})
+    assert seeds._bookkeeping_sync(lambda *a: bookkeeping(runner, *a), runner, (), {}) == "kept"
     assert rewound == [{}]  # vLLM's rewind did not see the CPU generator
     assert runner.input_batch.generators == {0: generator}
     assert torch.equal(generator.get_state(), before)
@@ -143,13 +147,16 @@ def test_install_uninstall_install_patches_and_restores_the_runner():
     runner_mod = pytest.importorskip("vllm.v1.worker.gpu_model_runner")
     cls = runner_mod.GPUModelRunner
     originals = {name: vars(cls)[name] for name in ("_update_states", "_sample")}
+    inst = seeds.ModelRunnerInstrumentor()
+    settings = config.load({})
     try:
-        assert seeds.install() == seeds.HOOKS
-        assert vars(cls)["_update_states"] is not originals["_update_states"]
-        seeds.uninstall()
+        assert inst.instrument(settings)
+        assert inst.hooks() == ["seeds.replay_draws", "seeds.cpu_rewind"]
+        assert active_layers(cls, "_update_states") == 1
+        inst.uninstrument()
         assert {name: vars(cls)[name] for name in originals} == originals
-        seeds.install()
-        assert vars(cls)["_sample"] is not originals["_sample"]
+        assert inst.instrument(settings) and inst.instrument(settings)  # idempotent
+        assert active_layers(cls, "_sample") == 1
     finally:
-        seeds.uninstall()
+        inst.uninstrument()
     assert {name: vars(cls)[name] for name in originals} == originals

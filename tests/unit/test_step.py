@@ -20,11 +20,11 @@ import pytest
 
 from watchdog_kv import process as procrecords
 from watchdog_kv.beacon import RING_SLOTS, Beacon, Phase, read_beacon
-from watchdog_kv.step.deadlines import Kind, Limits, StepDeadlines
 from watchdog_kv.monitor.evidence import process_state
+from watchdog_kv.monitor.report import build_report, render
 from watchdog_kv.monitor.watcher import Monitor
 from watchdog_kv.stalls import find_stalls
-from watchdog_kv.monitor.report import build_report, render
+from watchdog_kv.step.deadlines import Kind, Limits, StepDeadlines
 
 LIMITS = {
     Kind.STARTUP: Limits(60, 900),
@@ -268,11 +268,11 @@ def test_connector_calls_of_a_step_are_timed_on_the_connector_instance(tmp_path,
     """vLLM 0.32's model runner polls NIXL through ``get_transfer_results``: a step
     stuck there must show as that connector call, not as the step around it."""
     from watchdog_kv import config
-    from watchdog_kv.step import hooks
+    from watchdog_kv.instrument.connector import attach
     from watchdog_kv.step.watch import StepWatch
 
-    watch = StepWatch(config.load({"WATCHDOG_KV_STATE_DIR": str(tmp_path)}), "worker", pid=31339)
-    monkeypatch.setattr(hooks, "_watch", watch)
+    settings = config.load({"WATCHDOG_KV_STATE_DIR": str(tmp_path)})
+    watch = StepWatch(settings, "worker", pid=31339)
     seen = {}
 
     class Connector:  # the worker-side calls of one step, as vLLM makes them
@@ -287,7 +287,7 @@ def test_connector_calls_of_a_step_are_timed_on_the_connector_instance(tmp_path,
             seen["meta"] = read_beacon(watch.beacon.path)[0]
 
     connector = Connector()
-    hooks.watch_connector(connector)
+    got = attach(connector, "worker", settings, kv=False, step=watch)
     try:
         with watch.step("Worker.execute_model"):
             assert connector.get_transfer_results({"r"}) == ("results", {"r"})
@@ -300,7 +300,7 @@ def test_connector_calls_of_a_step_are_timed_on_the_connector_instance(tmp_path,
         )
         assert (seen["meta"].phase, seen["meta"].what) == (Phase.STEP, "Worker.execute_model")
     finally:
-        hooks._instance_patches.undo()
+        got.detach()
     assert not {"get_transfer_results", "start_load_kv"} & set(vars(connector))
 
 
@@ -309,11 +309,10 @@ def test_every_connector_call_watched_exists_on_vllms_nixl_connector():
         "vllm.distributed.kv_transfer.kv_connector.v1.nixl.connector",
         reason="vLLM not installed here (nox -s tests installs it)",
     )
-    from watchdog_kv.step.hooks import CONNECTOR_CALLS
+    from watchdog_kv.instrument.connector import CONNECTOR_CALLS
 
     assert all(callable(getattr(nixl.NixlPullConnector, name, None)) for name in CONNECTOR_CALLS)
-    # NIXL answers get_transfer_results itself, without get_finished: watching only
-    # get_finished (as an earlier version did) missed its poll.
+    # NIXL answers get_transfer_results itself, without get_finished: it must be timed.
     assert "get_transfer_results" in vars(nixl.NixlBaseConnector)
 
 
@@ -443,7 +442,7 @@ def test_vllm_health_of_a_dead_engine_names_the_processes_gone(tmp_path):
         ),
     )
     guard = SimpleNamespace(pid=os.getpid(), settings=SimpleNamespace(state_dir=tmp_path))
-    detail = FrontGuard._dead_detail(guard, exceptions.EngineDeadError())
+    detail = FrontGuard.dead_detail(guard, exceptions.EngineDeadError())
     assert "EngineCore encountered an issue" in detail
     assert f"gone: engine_core pid {gone.pid} (EngineCore)" in detail
-    assert FrontGuard._dead_detail(guard, RuntimeError("not ours to explain")) is None
+    assert FrontGuard.dead_detail(guard, RuntimeError("not ours to explain")) is None

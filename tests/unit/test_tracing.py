@@ -17,9 +17,10 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from watchdog_kv import config
-from watchdog_kv.kv.worker import RECV_PLAN_ATTR, RecvPlan
+from watchdog_kv import config, wire
 from watchdog_kv.telemetry import logs, metrics, tracing
+from watchdog_kv.wire import RECV_PLANS as RECV_PLAN_ATTR
+from watchdog_kv.wire import RecvPlan
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_kv_worker import _step, watched
@@ -250,7 +251,7 @@ def test_router_call_spans_label_failures_and_detections(spans):
     decode = Backend("decode-0", "http://127.0.0.1:9")
     with pytest.raises(HandoffError), request.call("decode", decode, kv="remote") as call:
         params = call.params({"remote_engine_id": "e"})
-        assert tracing.context_from(params[tracing.TRACE_PARAM]) is not None
+        assert tracing.context_from(params[wire.TRACE]) is not None
         assert inflight.label("decode-0", "watchdog.stall_detected", "stall", "abort") == 1
         raise HandoffError(504, "decode server decode-0 went silent for 5 s", "decode_timeout")
     assert inflight.label("decode-0", "watchdog.stall_detected", "stall", "abort") == 0
@@ -259,7 +260,7 @@ def test_router_call_spans_label_failures_and_detections(spans):
     (root,) = found["POST /v1/completions"]
     (span,) = found["decode"]
     assert span.parent.span_id == root.context.span_id
-    assert params[tracing.TRACE_PARAM].split("-")[2] == format(span.context.span_id, "016x")
+    assert params[wire.TRACE].split("-")[2] == format(span.context.span_id, "016x")
     (failed,) = span.events
     assert (failed.attributes["watchdog.cause"], failed.attributes["watchdog.action"]) == (
         "stall",

@@ -30,29 +30,23 @@ import fcntl
 import json
 import os
 import stat
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import wrapt
-
 from watchdog_kv import process
-from watchdog_kv.guard import contained
-from watchdog_kv.patching import ClassPatches
 from watchdog_kv.telemetry import get_logger
 
 __all__ = [
     "OMP_MODULE",
     "Claim",
+    "claim_for",
     "claims_dir",
-    "install",
     "overlaps",
     "read_claims",
     "rebind",
-    "uninstall",
 ]
 
 OMP_MODULE = "vllm.utils.ompmultiprocessing"
@@ -233,83 +227,29 @@ def settle(
     return claim, overlaps(claim, others), before
 
 
-# -- the hook in vLLM's OpenMP manager (engine core) -------------------------------------
-
-_lock = threading.RLock()
-_patches = ClassPatches()
-_installed = False
-_registered = False
-_server: str | None = None
-_publish: Callable[[dict[str, Any]], None] | None = None
-
-
-def install(server: str | None, publish: Callable[[dict[str, Any]], None] | None) -> list[str]:
-    """Claim (and, on ``auto``, de-overlap) the cores of the engines built here."""
-    global _installed, _registered, _server, _publish
-    with _lock:
-        _server, _publish = server, publish
-        if _installed:
-            return ["host.cpu_claims"]
-        _installed = True
-        if not _registered:
-            wrapt.register_post_import_hook(_patch, OMP_MODULE)
-            _registered = True
-        else:  # installed before, uninstalled since: vLLM's module may be loaded already
-            import sys
-
-            if OMP_MODULE in sys.modules:
-                _patch(sys.modules[OMP_MODULE])
-    return ["host.cpu_claims"]
-
-
-def uninstall() -> None:
-    global _installed, _publish
-    with _lock:
-        _patches.undo()
-        _installed = False
-        _publish = None
-
-
-def _patch(module: Any) -> None:
-    with _lock, contained("host.cpu_claims install"):
-        if not _installed or "_parse_omp_threads_bind_env" not in vars(module.OMPProcessManager):
-            return
-        _patches.replace(module.OMPProcessManager, "_parse_omp_threads_bind_env", _wrap)
-
-
-def _wrap(original: Callable[[Any], None]) -> Callable[[Any], None]:
-    def parse(manager: Any) -> None:
-        original(manager)  # vLLM's own choice first; ours only adjusts it
-        if _installed:
-            with contained("host.cpu_claims"):
-                _claim_for(manager)
-
-    return parse
-
-
-def _claim_for(manager: Any) -> None:
-    if getattr(manager, "skip_setup", True) or not getattr(manager, "cpu_lists", None):
-        return
+def claim_for(
+    lists: list[list[int]],
+    auto: bool,
+    reserved: set[int],
+    server: str | None,
+    publish: Callable[[dict[str, Any]], None] | None,
+) -> list[list[int]] | None:
+    """The engine built here binds its workers' OpenMP threads to ``lists`` (vLLM's
+    choice; ``auto``: its own pick): claim them host-wide and warn about overlaps;
+    return the cores to use instead when vLLM's ``auto`` choice was moved off cores
+    other servers hold, else None."""
     folder = claims_dir()
     if not _private(folder):
         _log.warning("cpus.claims_skipped", folder=str(folder), reason="not a private directory")
-        return
-    lists = [list(map(int, rank)) for rank in manager.cpu_lists]
-    reserved = {int(c) for c in getattr(manager, "reserved_cpu_list", None) or []}
+        return None
     try:
         claim, shared, before = settle(
-            lists,
-            bool(manager.auto_setup),
-            _server,
-            folder,
-            set(os.sched_getaffinity(0)),
-            reserved=reserved,
+            lists, auto, server, folder, set(os.sched_getaffinity(0)), reserved=reserved
         )
     except ClaimsBusy as exc:
         _log.warning("cpus.claims_skipped", folder=str(folder), reason=str(exc))
-        return
+        return None
     if before is not None:
-        manager.cpu_lists = claim.cores
         _log.warning(
             "cpus.rebound",
             was=before,
@@ -326,5 +266,6 @@ def _claim_for(manager: Any) -> None:
             fix="give each server its own cores with VLLM_CPU_OMP_THREADS_BIND "
             f"(this one has {claim.bind_value()!r}, the other {other.bind_value()!r})",
         )
-    if _publish is not None:
-        _publish(asdict(claim) | {"overlaps": {o.describe(): sorted(c) for o, c in shared}})
+    if publish is not None:
+        publish(asdict(claim) | {"overlaps": {o.describe(): sorted(c) for o, c in shared}})
+    return claim.cores if before is not None else None

@@ -31,21 +31,18 @@ unknown, a prefill that does not answer within the deadline -- fails closed.
 
 from __future__ import annotations
 
-import json
 import select
 import threading
 import time
 
 import zmq
 
-from watchdog_kv import threads
+from watchdog_kv import threads, wire
 from watchdog_kv.guard import contained
 from watchdog_kv.kv.states import LeaseTable, Verdict
 from watchdog_kv.telemetry import get_logger
 
-__all__ = ["LEASE_PARAM", "LeaseClient", "LeaseServer"]
-
-LEASE_PARAM = "watchdog_kv_lease"
+__all__ = ["LeaseClient", "LeaseServer"]
 
 _log = get_logger("watchdog_kv.kv.lease")
 
@@ -106,15 +103,13 @@ class LeaseServer:
 
     def _answer(self, frames: list[bytes], by: str) -> None:
         # ROUTER frames: [peer identity, b"" (the DEALER's envelope), question].
-        req = None
-        try:
-            req = str(json.loads(frames[-1])["req"])
-        except Exception:  # anything that is not a question, however malformed
+        req = wire.read_question(frames[-1])
+        if req is None:  # anything that is not a question, however malformed
             verdict = "bad_request"
         else:
             verdict = self._table.claim(req).value
             _log.debug("kv.lease_question", remote_request_id=req, verdict=verdict, by=by)
-        reply = json.dumps({"req": req, "verdict": verdict}).encode()
+        reply = wire.lease_answer(req, verdict)
         try:
             self._sock.send_multipart([*frames[:-1], reply], flags=zmq.NOBLOCK)
         except zmq.ZMQError:  # the asker is gone or its queue is full: it times out
@@ -171,7 +166,7 @@ class LeaseClient:
             sock.connect(endpoint)
             self._socks[endpoint] = sock
         try:
-            sock.send_multipart([b"", json.dumps({"req": req_id}).encode()], flags=zmq.NOBLOCK)
+            sock.send_multipart([b"", wire.lease_question(req_id)], flags=zmq.NOBLOCK)
         except zmq.ZMQError:
             return False
         return True
@@ -185,11 +180,10 @@ class LeaseClient:
                     frames = sock.recv_multipart(flags=zmq.NOBLOCK)
                 except zmq.Again:
                     break
-                try:
-                    msg = json.loads(frames[-1])
-                    req, verdict = str(msg["req"]), msg["verdict"]
-                except (ValueError, KeyError, TypeError):
+                got = wire.read_answer(frames[-1])
+                if got is None:
                     continue
+                req, verdict = got
                 values = {v.value for v in Verdict}
                 out[req] = Verdict(verdict) if verdict in values else Verdict.UNKNOWN
         return out

@@ -31,11 +31,7 @@ from watchdog_kv.guard import contained
 from watchdog_kv.kv.states import Lease, Recv
 from watchdog_kv.telemetry.tracing import RequestSpans
 
-__all__ = ["TRACE_ATTR", "KVSpans", "cause_of"]
-
-# The scheduler side attaches {req_id: traceparent} of requests whose blocks the
-# prefill now keeps for a decode to the connector metadata.
-TRACE_ATTR = "watchdog_kv_trace"
+__all__ = ["KVSpans", "cause_of"]
 
 _PHASE_SPANS = {
     Recv.HANDSHAKING: "kv.handshake",

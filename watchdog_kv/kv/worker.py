@@ -1,10 +1,11 @@
-"""Worker side: deadlines, recovery and the lease check around a KV connector.
+"""Worker side: deadlines, recovery and the lease check of the loads of a KV connector.
 
-:class:`WorkerWatch` wraps the worker-side methods of the connector vLLM built
-(any :class:`KVConnectorBase_V1`; NixlConnector gets more through
-:mod:`watchdog_kv.kv.nixl`). vLLM's calls go through unchanged and vLLM's
-exceptions pass through untouched; watchdog_kv only *edits the transfer results*
-vLLM's scheduler receives each step:
+:class:`WorkerWatch` is told, on plain data, what the worker-side connector
+vLLM built does each step (:mod:`watchdog_kv.instrument.connector` wraps the
+connector's methods and calls it; NixlConnector's insides are reached through a
+:class:`Transport`, :mod:`watchdog_kv.instrument.nixl`). It only *edits the
+transfer results* vLLM's scheduler receives each step (the sets of finished and
+failed loads):
 
 * a load that finished is held back while the prefill's lease check runs, then
   reported finished (valid) or failed (stale, unknown, no answer);
@@ -23,16 +24,15 @@ for this connector (logged); vLLM carries on as if it was not there.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Protocol
 
+from watchdog_kv import wire
 from watchdog_kv.config import Settings
-from watchdog_kv.faults import FaultDice
 from watchdog_kv.guard import contained
 from watchdog_kv.kv.deadlines import DeadlineConfig, Deadlines, Phase
 from watchdog_kv.kv.lease import LeaseClient, LeaseServer
-from watchdog_kv.kv.nixl import NixlAdapter, nixl_worker_of
-from watchdog_kv.kv.spans import TRACE_ATTR, KVSpans
+from watchdog_kv.kv.spans import KVSpans
 from watchdog_kv.kv.states import (
     IllegalTransition,
     LeaseTable,
@@ -42,13 +42,10 @@ from watchdog_kv.kv.states import (
     RecvTable,
     Verdict,
 )
-from watchdog_kv.patching import InstancePatches
 from watchdog_kv.telemetry import get_logger, metrics
+from watchdog_kv.wire import RecvPlan
 
-__all__ = ["RECV_PLAN_ATTR", "RecvPlan", "WorkerWatch"]
-
-# The scheduler side attaches {req_id: RecvPlan-as-dict} to the connector metadata.
-RECV_PLAN_ATTR = "watchdog_kv_recv"
+__all__ = ["FaultHook", "Transport", "WorkerWatch"]
 
 _log = get_logger("watchdog_kv.kv")
 
@@ -62,21 +59,32 @@ _PHASE_OF = {
 }
 
 
-@dataclass
-class RecvPlan:
-    """What the scheduler knows of one remote load, sent to the worker."""
+class Transport(Protocol):
+    """What the watch needs of a connector's transport beyond the connector interface
+    (NixlConnector's: :class:`watchdog_kv.instrument.nixl.NixlTransport`)."""
 
-    req_id: str
-    num_blocks: int
-    remote_engine_id: str | None = None
-    remote_request_id: str | None = None
-    lease: list[str] | None = None  # lease servers of the prefill, by TP rank
-    local_blocks: list[int] = field(default_factory=list)
-    trace: str | None = None  # the router's traceparent for the decode call
+    leases: LeaseTable
+    fenced: RecentSet
 
-    @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> RecvPlan:
-        return cls(**raw)
+    def phase(self, req_id: str, remote_engine_id: str | None) -> str:
+        """``pulling`` (a read is posted), ``handshaking`` (the remote is not known
+        yet) or ``waiting``."""
+
+    def cancel(self, req_id: str) -> bool:
+        """Stop the load; False when the transport could not cancel it (retry later)."""
+
+    def observe_metadata(self, metadata: Any) -> None:
+        """The prefill side: requests kept and leased, from the step's metadata."""
+
+    def close(self) -> None: ...
+
+
+class FaultHook(Protocol):
+    """Rehearsals only (:mod:`watchdog_kv.instrument.faults`): what happens to a load
+    the connector reported finished -- ``("corrupt" | "drop" | "delay", seconds)`` or
+    None."""
+
+    def on_completed(self, req_id: str, plan: RecvPlan) -> tuple[str, float] | None: ...
 
 
 @dataclass
@@ -92,8 +100,16 @@ class _Load:
 
 
 class WorkerWatch:
-    def __init__(self, connector: Any, settings: Settings, rank: int) -> None:
-        self.connector = connector
+    def __init__(
+        self,
+        settings: Settings,
+        rank: int,
+        *,
+        transport: Transport | None = None,
+        lease_host: str = "127.0.0.1",
+        connector: str = "",
+    ) -> None:
+        self.connector = connector  # the connector's class name
         self.settings = settings
         self.rank = rank
         self.enabled = True
@@ -107,44 +123,24 @@ class WorkerWatch:
                 assumed_bandwidth_bps=settings.kv_assumed_bandwidth_mbps * 1e6,
             )
         )
-        self.dice = FaultDice(settings.fault_seed + rank)
+        self.faults: FaultHook | None = None
         self._loads: dict[str, _Load] = {}
         self._settled = RecentSet()  # loads we reported; later completions are fenced
         self._orphans: set[str] = set()  # held completions to hand back after a disable
         self._ready_ok: set[str] = set()  # settled this step: report finished
         self._ready_failed: set[str] = set()  # settled this step: report finished + failed
         self._bytes_per_block = 0
-        self._kv_caches: dict[str, Any] = {}
-        self.adapter: NixlAdapter | None = None
+        self.adapter: Transport | None = transport
         self.leases_tracked = True
         self.lease_server: LeaseServer | None = None
         self.lease_client = LeaseClient()
-        self._patches = InstancePatches()
-        self._originals: dict[str, Any] = {}
         self.on_change: Any = None  # called after each step's results (throttled by the caller)
-        nixl_worker = nixl_worker_of(connector)
-        if nixl_worker is not None:
-            self.adapter = NixlAdapter(
-                nixl_worker, self.leases, settings.fault.stall_handshake_s, self._event
-            )
-            host = _side_channel_host()
-            self.lease_server = LeaseServer(self.leases, host)
-        for name in ("register_kv_caches", "start_load_kv", "get_transfer_results"):
-            self._wrap(name)
-        if settings.fault.active:
-            _log.warning("kv.fault_injection_on", faults=settings.fault.describe())
+        if transport is not None:
+            transport.leases = self.leases
+            self.lease_server = LeaseServer(self.leases, lease_host)
 
     # --- wiring -------------------------------------------------------------
-    def _wrap(self, name: str) -> None:
-        self._originals[name] = self._patches.replace(
-            self.connector, name, getattr(self, f"_{name}")
-        )
-
-    def unhook(self) -> None:
-        self._patches.undo()
-        self._originals.clear()
-        if self.adapter is not None:
-            self.adapter.unhook()
+    def close(self) -> None:
         if self.lease_server is not None:
             self.lease_server.close()
         self.lease_client.close()
@@ -179,56 +175,53 @@ class WorkerWatch:
     def _on_lease_transition(self, req_id: str, event: str, old: str, new: str) -> None:
         self.spans.lease_transition(req_id, old, new)
 
-    # --- wrapped methods ----------------------------------------------------
-    def _register_kv_caches(self, kv_caches: dict[str, Any]) -> Any:
-        result = self._originals["register_kv_caches"](kv_caches)
+    # --- what the connector did ---------------------------------------------
+    def kv_caches_registered(self, total_bytes: int, num_blocks: int) -> None:
+        """The worker's KV caches: ``total_bytes`` over ``num_blocks`` blocks."""
         with contained("kv.register_kv_caches", on_error=self._disable):
-            self._kv_caches = dict(kv_caches)
-            blocks = _num_blocks(self.connector)
-            if blocks:
-                total = sum(int(t.numel() * t.element_size()) for t in kv_caches.values())
-                self._bytes_per_block = total // blocks
-        return result
+            if num_blocks:
+                self._bytes_per_block = total_bytes // num_blocks
 
-    def _start_load_kv(self, forward_context: Any, **kwargs: Any) -> Any:
+    def before_load(self, metadata: Any | None) -> None:
+        """A step's ``start_load_kv`` is about to run with ``metadata`` (the connector's
+        metadata of this step, opaque here but for the attributes of :mod:`~watchdog_kv.wire`)."""
         if self.adapter is not None and self.leases_tracked:
             # The prefill's lease bookkeeping: kept even if the decode side disabled
             # itself, since decodes elsewhere rely on the answers.
             with contained("kv.lease_tracking", on_error=self._stop_lease_tracking):
-                metadata = self._metadata()
                 if metadata is not None:
-                    self.spans.lease_parents(getattr(metadata, TRACE_ATTR, None))
+                    self.spans.lease_parents(getattr(metadata, wire.LEASE_TRACES, None))
                     self.adapter.observe_metadata(metadata)
         self._answer_lease_questions()
-        if self.enabled:
+        if self.enabled and metadata is not None:
             with contained("kv.start_load_kv", on_error=self._disable):
-                self._admit_new_loads()
-        result = self._originals["start_load_kv"](forward_context, **kwargs)
+                self._admit_new_loads(getattr(metadata, wire.RECV_PLANS, None) or {})
+
+    def after_load(self) -> None:
+        """The step's ``start_load_kv`` returned: reads may have been posted."""
         if self.enabled:
             with contained("kv.start_load_kv", on_error=self._disable):
                 self._observe_phases()
-        return result
 
-    def _get_transfer_results(self, finished_req_ids: set[str]) -> Any:
-        results = self._originals["get_transfer_results"](finished_req_ids)
+    def results(self, done: set[str], failed: set[str], finished_req_ids: set[str]) -> None:
+        """Edit, in place, the loads the connector reports finished (``done``) and failed
+        (``failed``) this step; ``finished_req_ids``: the requests vLLM ended."""
         self._answer_lease_questions()
         if self.enabled:
-            said_done = set(results.finished_recving)
-            said_failed = set(results.failed_recving)
+            said_done, said_failed = set(done), set(failed)
             edited = False
             with contained("kv.get_transfer_results", on_error=self._disable):
-                self._edit_results(results, finished_req_ids)
+                self._edit_results(done, failed, finished_req_ids)
                 edited = True
             if not edited:  # half-edited: what the connector said, minus what we reported
-                results.finished_recving.clear()
-                results.finished_recving.update(r for r in said_done if r not in self._settled)
-                results.failed_recving.clear()
-                results.failed_recving.update(r for r in said_failed if r not in self._settled)
+                done.clear()
+                done.update(r for r in said_done if r not in self._settled)
+                failed.clear()
+                failed.update(r for r in said_failed if r not in self._settled)
         if self._orphans:
-            results.finished_recving.update(self._orphans)
-            results.failed_recving.update(self._orphans)
+            done.update(self._orphans)
+            failed.update(self._orphans)
             self._orphans = set()
-        return results
 
     def _answer_lease_questions(self) -> None:
         # The step holds the GIL the lease server's thread may wait seconds for.
@@ -237,17 +230,8 @@ class WorkerWatch:
                 self.lease_server.answer_pending()
 
     # --- the watch ----------------------------------------------------------
-    def _metadata(self) -> Any | None:
-        has = getattr(self.connector, "has_connector_metadata", None)
-        if has is not None and not has():
-            return None
-        return self.connector._get_connector_metadata()
-
-    def _admit_new_loads(self) -> None:
-        metadata = self._metadata()
-        if metadata is None:
-            return
-        for req_id, raw in (getattr(metadata, RECV_PLAN_ATTR, None) or {}).items():
+    def _admit_new_loads(self, plans: dict[str, Any]) -> None:
+        for req_id, raw in plans.items():
             if req_id in self._loads or req_id in self._settled:
                 continue
             plan = RecvPlan.from_dict(raw)
@@ -304,10 +288,8 @@ class WorkerWatch:
         except IllegalTransition:
             return False
 
-    def _edit_results(self, results: Any, finished_req_ids: set[str]) -> None:
+    def _edit_results(self, done: set[str], failed: set[str], finished_req_ids: set[str]) -> None:
         now = time.monotonic()
-        done = results.finished_recving
-        failed = results.failed_recving
         # 1. Completions of loads we already settled: fenced, never reported twice.
         for req_id in list(done):
             if req_id in self._settled:
@@ -406,22 +388,18 @@ class WorkerWatch:
         self._learn(req_id, Phase.TRANSFER, now - started, load.nbytes)
         metrics.local().observe("kv_transfer_seconds", now - started, metrics.TRANSFER_BUCKETS)
         load.done_at = now
-        fault = self.settings.fault
-        if fault.corrupt_p and self.dice.roll(fault.corrupt_p):
-            self._corrupt(load)
-            self._event("kv.fault_injected", fault="corrupt", request_id=req_id)
+        fault = self.faults.on_completed(req_id, load.plan) if self.faults is not None else None
+        if fault is None:
+            return
+        kind, seconds = fault
+        self._event("kv.fault_injected", fault=kind, request_id=req_id, seconds=seconds)
+        if kind == "corrupt":  # what arrived was overwritten: only a recompute is right
             self._try(req_id, RecvEvent.LEASE_STALE, cause="corrupt")
             self._recover(req_id, transfer_done=True, cause="transport")
-            return
-        if fault.drop_p and self.dice.roll(fault.drop_p):
-            self._event("kv.fault_injected", fault="drop", request_id=req_id)
+        elif kind == "drop":
             load.dropped = True  # never reported: the verify deadline must catch it
-            return
-        if fault.delay_s:
-            self._event(
-                "kv.fault_injected", fault="delay", request_id=req_id, seconds=fault.delay_s
-            )
-            load.release_at = now + fault.delay_s
+        elif kind == "delay":
+            load.release_at = now + seconds
 
     def _start_check(self, req_id: str, load: _Load) -> None:
         plan = load.plan
@@ -477,9 +455,7 @@ class WorkerWatch:
             cancelled = False  # this connector has no cancel: wait for its completion
             if not self._loads[req_id].cancel_wait_logged:
                 self._loads[req_id].cancel_wait_logged = True
-                self._event(
-                    "kv.cannot_cancel", request_id=req_id, connector=type(self.connector).__name__
-                )
+                self._event("kv.cannot_cancel", request_id=req_id, connector=self.connector)
         if not cancelled:
             return  # the blocks stay this request's until the transfer is really over
         self._try(req_id, RecvEvent.CANCELLED)
@@ -501,20 +477,6 @@ class WorkerWatch:
         if settled:
             self._settled.add(req_id)
 
-    def _corrupt(self, load: _Load) -> None:
-        """Fault "corrupt": overwrite what arrived, so only a recompute gives the right answer."""
-        import torch
-
-        blocks = load.plan.local_blocks
-        total = _num_blocks(self.connector)
-        if not blocks or not total:
-            return
-        for tensor in self._kv_caches.values():
-            dim = next((i for i, n in enumerate(tensor.shape) if n == total), None)
-            if dim is not None:
-                index = tensor.new_tensor(blocks, dtype=torch.long)
-                tensor.index_fill_(dim, index, 7.0)
-
     def status(self) -> dict[str, Any]:
         return {
             "loading": {t.req_id: t.state.value for t in self.recv.live()},
@@ -527,20 +489,3 @@ class WorkerWatch:
             "lease_endpoint": self.lease_server.endpoint if self.lease_server else None,
             "lease_answers": dict(self.lease_server.answered) if self.lease_server else None,
         }
-
-
-def _side_channel_host() -> str:
-    try:
-        import vllm.envs as envs
-
-        host = envs.VLLM_NIXL_SIDE_CHANNEL_HOST
-    except Exception:
-        host = "127.0.0.1"
-    return "127.0.0.1" if host in ("localhost", "") else host
-
-
-def _num_blocks(connector: Any) -> int:
-    cfg = getattr(connector, "_kv_cache_config", None) or getattr(
-        connector, "kv_cache_config", None
-    )
-    return int(getattr(cfg, "num_blocks", 0) or 0)

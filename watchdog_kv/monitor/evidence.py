@@ -32,8 +32,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from watchdog_kv.process import process_state, write_json
 from watchdog_kv.beacon import beacon_path, read_beacon
+from watchdog_kv.process import process_state, write_json
 
 __all__ = ["collect_incident", "dump_stacks", "process_state", "py_spy_path"]
 

@@ -25,8 +25,8 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from watchdog_kv import wire
 from watchdog_kv.telemetry import get_logger
-from watchdog_kv.telemetry.tracing import TRACE_PARAM
 
 __all__ = [
     "ENGINE_DEAD",
@@ -127,9 +127,7 @@ def prefill_body(body: dict[str, Any], traceparent: str | None = None) -> dict[s
     """The request as sent to the prefill server: one token, no stream, remote decode
     (and the call's trace context, for the prefill's engine processes)."""
     out = dict(body)
-    out["kv_transfer_params"] = {"do_remote_decode": True, "do_remote_prefill": False}
-    if traceparent is not None:
-        out["kv_transfer_params"][TRACE_PARAM] = traceparent
+    out["kv_transfer_params"] = wire.prefill_params(traceparent)
     out["stream"] = False
     out["max_tokens"] = 1
     if "max_completion_tokens" in out:
@@ -213,7 +211,7 @@ async def run_prefill(
     except (TimeoutError, aiohttp.ClientError) as exc:
         raise no_answer("prefill", backend, exc, timeout_s) from None
     params = data.get("kv_transfer_params") if isinstance(data, dict) else None
-    if not isinstance(params, dict) or not params.get("remote_engine_id"):
+    if not isinstance(params, dict) or not params.get(wire.REMOTE_ENGINE_ID):
         raise HandoffError(
             502,
             f"prefill server {backend.name} returned no kv_transfer_params "

@@ -24,6 +24,7 @@ from aiohttp import web
 from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
+from watchdog_kv import wire
 from watchdog_kv.router.handoff import Backend, HandoffError, retryable
 from watchdog_kv.telemetry import tracing
 
@@ -169,7 +170,7 @@ class Call:
         """``kv_transfer_params`` carrying this call's trace context into the engines."""
         if params is None or self.traceparent is None:
             return params
-        return {**params, tracing.TRACE_PARAM: self.traceparent}
+        return {**params, wire.TRACE: self.traceparent}
 
     def failed(self, err: HandoffError) -> None:
         if self.span.is_recording():

@@ -75,7 +75,7 @@ from watchdog_kv.router.handoff import (
     several_prompts,
     silent,
 )
-from watchdog_kv.seeds import DRAWS_ARG  # vllm_xargs key: draws a seeded continuation skips
+from watchdog_kv.wire import DRAWS as DRAWS_ARG
 
 __all__ = [
     "COMPLETIONS_MAX_TOKENS",

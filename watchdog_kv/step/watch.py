@@ -1,6 +1,7 @@
 """The step watch inside an engine-core or worker process: phases into the beacon.
 
-Installed by :mod:`watchdog_kv.step.hooks`. Each phase writes its start and its
+Driven by :mod:`watchdog_kv.instrument.engine_core`, :mod:`~watchdog_kv.instrument.worker`
+and :mod:`~watchdog_kv.instrument.connector`. Each phase writes its start and its
 deadline into the beacon before vLLM's code runs, so the outside monitor can
 tell it is late even if this process never runs Python again. At the end of a
 phase its duration teaches the deadlines (:mod:`watchdog_kv.step.deadlines`).
@@ -27,10 +28,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from watchdog_kv import faults
+from watchdog_kv.beacon import Beacon, Phase
 from watchdog_kv.config import Settings
 from watchdog_kv.guard import contained
-from watchdog_kv.beacon import Beacon, Phase
 from watchdog_kv.step.deadlines import Kind, Limits, StepDeadlines
 from watchdog_kv.telemetry import get_logger, metrics
 
@@ -171,13 +171,6 @@ class StepWatch:
                     seconds = self.beacon.exit(started)
                     if kind is Kind.CONNECTOR:
                         self._learn(kind, seconds, deadline, what)
-
-    def rehearse_step(self) -> None:
-        """Fire the armed faults of a model step (rehearsals only; a no-op unless configured)."""
-        plan = self.settings.fault
-        if plan.active:
-            with contained("step.rehearse"):  # a fault of the rehearsal's own stays ours
-                faults.rehearse_step(plan, self.settings.state_dir, self.settings.server)
 
     def record(self, event: dict[str, Any]) -> None:
         """Flight recorder sink for this process's log events."""

@@ -15,7 +15,7 @@ the exporters and the sampler read theirs as in any OpenTelemetry SDK.
   once a minute, with the count) and never raised.
 * **Propagation**: W3C ``traceparent`` over HTTP between the router and the servers,
   and into the engine processes inside ``kv_transfer_params`` (key
-  :data:`TRACE_PARAM`), which vLLM carries from the API server to the scheduler and,
+  :data:`watchdog_kv.wire.TRACE`), which vLLM carries from the API server to the scheduler and,
   through the connector metadata, to the workers.
 * **Failures**: :func:`label` adds a span event with ``watchdog.cause`` and
   ``watchdog.action``; the span's status becomes an error only when the request
@@ -53,7 +53,6 @@ from watchdog_kv.config import OtelSettings
 from watchdog_kv.telemetry.logs import get_logger, set_trace_lookup
 
 __all__ = [
-    "TRACE_PARAM",
     "RequestSpans",
     "SpanKind",
     "SystemRandomIds",
@@ -70,7 +69,6 @@ __all__ = [
     "tracer",
 ]
 
-TRACE_PARAM = "watchdog_kv_trace"  # kv_transfer_params key: the W3C traceparent
 
 _log = get_logger("watchdog_kv.telemetry")
 _PROPAGATOR = TraceContextTextMapPropagator()

@@ -1,8 +1,16 @@
-"""What watchdog_kv needs from NixlConnector beyond the connector interface.
+"""NIXL: its agent's progress thread, and what the KV watch needs of NixlConnector.
 
-The generic hooks (:mod:`watchdog_kv.kv.worker`) see requests enter and leave a
-connector. Three things need the connector's insides, and this adapter is the
-only module that touches them (tested against vLLM 0.32's NIXL connector):
+:class:`NixlInstrumentor` wraps the ``nixlAgent`` binding of NIXL's Python API,
+which creates every agent with ``pthrDelay = 0``, so its UCX progress thread
+polls with a zero timeout: a busy loop taking one full core per vLLM worker,
+idle or not. With ``WATCHDOG_KV_NIXL_PROGRESS_DELAY_US`` > 0 the agent gets that
+poll timeout instead; the thread still wakes on UCX's event file descriptors, so
+transfers and notifications are not delayed by it.
+
+The connector watch (:mod:`watchdog_kv.kv.worker`) sees requests enter and leave
+a connector. Three things need NixlConnector's insides, and
+:class:`NixlTransport` is the only code that touches them (:data:`WORKER_TARGETS`,
+checked against the installed vLLM):
 
 * **phase** of a load: handshaking (the remote engine is not known yet) or
   pulling (a read is posted);
@@ -13,62 +21,111 @@ only module that touches them (tested against vLLM 0.32's NIXL connector):
 * the **lease** side on a prefill: which kept requests a decode reported as
   read, which expired, and reads reported for requests no longer kept.
 
-Every wrapper here is an instance attribute (:mod:`watchdog_kv.patching`),
-removed by :meth:`NixlAdapter.unhook`.
+Every wrapper of :class:`NixlTransport` is a layer on the NIXL worker object
+(:func:`watchdog_kv.instrument.base.wrap`), removed by :meth:`NixlTransport.close`.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from typing import Any
 
 from watchdog_kv.guard import contained
+from watchdog_kv.instrument.base import Instrumentor, Layer, Target, Wrapper, unwrap, wrap
 from watchdog_kv.kv.states import IllegalTransition, LeaseEvent, LeaseTable, RecentSet
-from watchdog_kv.patching import InstancePatches
 from watchdog_kv.telemetry import get_logger
 
-__all__ = ["NixlAdapter", "nixl_worker_of"]
+__all__ = ["WORKER_TARGETS", "NixlInstrumentor", "NixlTransport", "nixl_worker_of"]
 
 _log = get_logger("watchdog_kv.kv.nixl")
 
+NIXL_BINDINGS = ("nixl_cu12._bindings", "nixl_cu13._bindings", "nixl_rocm._bindings")
+_NIXL = "vllm.distributed.kv_transfer.kv_connector.v1.nixl"
+# The NIXL worker's methods the transport wraps on each instance.
+WORKER_TARGETS = (
+    Target(f"{_NIXL}.pull_worker", "NixlPullConnectorWorker", "_read_blocks_for_req"),
+    Target(f"{_NIXL}.base_worker", "NixlBaseConnectorWorker", "_reap_expired_send_leases"),
+    Target(f"{_NIXL}.base_worker", "NixlBaseConnectorWorker", "_get_new_notifs"),
+    Target(f"{_NIXL}.base_worker", "NixlBaseConnectorWorker", "_nixl_handshake"),
+)
+# ... and the state it reads and edits.
+WORKER_STATE = (
+    "_recving_transfers",
+    "_recving_metadata",
+    "_remote_agents",
+    "_recv_failures",
+    "_pending_recv_notifs",
+    "_reqs_to_send",
+    "_reqs_to_process",
+    "nixl_wrapper",
+)
+
+
+class NixlInstrumentor(Instrumentor):
+    """The progress-delay setting of every NIXL agent created here."""
+
+    name = "kv.nixl_progress_delay"
+    targets = tuple(Target(m, "", "nixlAgent", optional=True) for m in NIXL_BINDINGS)
+
+    def wrapper(self, target: Target) -> Wrapper:
+        delay = self.settings.nixl_progress_delay_us
+
+        def nixl_agent(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
+            with contained("kv.nixl_progress_delay"):
+                config = args[1] if len(args) > 1 else kwargs.get("agent_config")
+                if getattr(config, "pthrDelay", None) == 0:
+                    config.pthrDelay = delay
+                    _log.info(
+                        "kv.nixl_progress_delay", agent=args[0] if args else "", delay_us=delay
+                    )
+            return wrapped(*args, **kwargs)
+
+        return nixl_agent
+
 
 def nixl_worker_of(connector: Any) -> Any | None:
-    """The NIXL worker object behind ``connector``, or None for any other connector."""
+    """The NIXL worker object behind ``connector``, or None for any other connector (or a
+    NixlConnector without the state this module reads: logged by name)."""
     worker = getattr(connector, "connector_worker", None)
-    needed = ("_recving_transfers", "_recving_metadata", "_remote_agents", "nixl_wrapper")
-    if worker is None or not all(hasattr(worker, name) for name in needed):
+    if worker is None or not hasattr(worker, "_recving_transfers"):
+        return None
+    missing = [n for n in WORKER_STATE if not hasattr(worker, n)]
+    missing += [t.label for t in WORKER_TARGETS if not callable(getattr(worker, t.name, None))]
+    if missing:
+        _log.error(
+            "watchdog_kv.instrumentor_off",
+            instrumentor="kv.nixl_transport",
+            missing=missing,
+            consequence="loads are watched without NIXL's phases, cancel or lease side",
+        )
         return None
     return worker
 
 
-class NixlAdapter:
-    def __init__(
-        self,
-        worker: Any,
-        leases: LeaseTable,
-        stall_handshake_s: float,
-        on_event: Callable[..., None],
-    ) -> None:
+class NixlTransport:
+    def __init__(self, worker: Any, on_event: Callable[..., None] | None = None) -> None:
         self.worker = worker
-        self.leases = leases
+        self.leases = LeaseTable()  # the watch puts its own in place
         self.fenced = RecentSet()
-        self._on_event = on_event
-        self._patches = InstancePatches()
+        self._on_event = on_event or (lambda event, **fields: None)
+        self._layers: list[Layer] = []
+        self._orig: dict[str, Callable[..., Any]] = {}
         self._patch(worker, "_read_blocks_for_req", self._read_blocks_for_req)
         self._patch(worker, "_reap_expired_send_leases", self._reap_expired_send_leases)
         self._patch(worker, "_get_new_notifs", self._get_new_notifs)
         self._patch(worker.nixl_wrapper, "get_new_notifs", self._raw_notifs)
-        if stall_handshake_s > 0:
-            self._stall_s = stall_handshake_s
-            self._patch(worker, "_nixl_handshake", self._stalled_handshake)
 
     # --- wiring -------------------------------------------------------------
     def _patch(self, obj: Any, name: str, replacement: Callable[..., Any]) -> None:
-        setattr(self, f"_orig_{name}", self._patches.replace(obj, name, replacement))
+        def layer(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
+            return replacement(wrapped, *args, **kwargs)
 
-    def unhook(self) -> None:
-        self._patches.undo()
+        self._layers.append(wrap(obj, name, layer))
+
+    def close(self) -> None:
+        for layer in reversed(self._layers):
+            unwrap(layer)
+        self._layers.clear()
 
     # --- decode side --------------------------------------------------------
     def phase(self, req_id: str, remote_engine_id: str | None) -> str:
@@ -99,7 +156,7 @@ class NixlAdapter:
         self.worker._pending_recv_notifs.pop(req_id, None)
         return True
 
-    def _read_blocks_for_req(self, req_id: str, meta: Any) -> Any:
+    def _read_blocks_for_req(self, original: Any, req_id: str, meta: Any) -> Any:
         fenced = False
         with contained("kv.nixl_fence"):
             fenced = req_id in self.fenced
@@ -108,14 +165,7 @@ class NixlAdapter:
             # no longer this request's, so no read may be posted into them.
             self._on_event("kv.late_read_fenced", request_id=req_id)
             return None
-        return self._orig__read_blocks_for_req(req_id, meta)  # type: ignore[attr-defined]
-
-    def _stalled_handshake(self, *args: Any, **kwargs: Any) -> Any:
-        # Runs on NIXL's handshake thread, as a peer that does not answer would.
-        with contained("kv.nixl_fault"):
-            self._on_event("kv.fault_injected", fault="stall_handshake", seconds=self._stall_s)
-        time.sleep(self._stall_s)
-        return self._orig__nixl_handshake(*args, **kwargs)  # type: ignore[attr-defined]
+        return original(req_id, meta)
 
     # --- prefill side -------------------------------------------------------
     def observe_metadata(self, metadata: Any) -> None:
@@ -131,8 +181,8 @@ class NixlAdapter:
             if self._lease_apply(req_id, LeaseEvent.ABORT):
                 self._lease_apply(req_id, LeaseEvent.RELEASE)
 
-    def _raw_notifs(self) -> Any:
-        notifs = self._orig_get_new_notifs()  # type: ignore[attr-defined]
+    def _raw_notifs(self, original: Any) -> Any:
+        notifs = original()
         with contained("kv.nixl_notifs"):
             self._see_stale_reads(notifs)
         return notifs
@@ -151,17 +201,17 @@ class NixlAdapter:
                     if self.leases.stale_reads > before:
                         self._on_event("kv.stale_read_detected", request_id=req_id)
 
-    def _get_new_notifs(self) -> set[str]:
-        read: set[str] = self._orig__get_new_notifs()  # type: ignore[attr-defined]
+    def _get_new_notifs(self, original: Any) -> set[str]:
+        read: set[str] = original()
         with contained("kv.nixl_reads"):
             for req_id in read:
                 if self._lease_apply(req_id, LeaseEvent.READ):
                     self._lease_apply(req_id, LeaseEvent.RELEASE)
         return read
 
-    def _reap_expired_send_leases(self, done_sending: set[str]) -> None:
+    def _reap_expired_send_leases(self, original: Any, done_sending: set[str]) -> None:
         before = set(self.worker._reqs_to_send)
-        self._orig__reap_expired_send_leases(done_sending)  # type: ignore[attr-defined]
+        original(done_sending)
         with contained("kv.nixl_expiry"):
             for req_id in before - set(self.worker._reqs_to_send):
                 self._on_event("kv.lease_expired", request_id=req_id)

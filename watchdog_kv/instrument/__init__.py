@@ -1,0 +1,1 @@
+"""The only code that touches vLLM: one instrumentor per place (base: how)."""
