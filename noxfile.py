@@ -78,12 +78,16 @@ def soak(session: nox.Session) -> None:
 
 @nox.session
 def lint(session: nox.Session) -> None:
-    """ruff lint and format check; mypy --strict on the package.
+    """ruff lint and format check; mypy --strict on the package; the unit tests that
+    need no vLLM.
 
     Installs the package's own dependencies only: vLLM, torch, transformers,
-    NIXL and Ray are not installed here, so mypy types their names as Any.
+    NIXL and Ray are not installed here, so mypy types their names as Any, and the
+    watchdog logic's unit tests show that it runs without them (tests marked
+    ``needs_vllm`` are left to the tests session).
     """
-    session.install("-e", ".[lint]")
+    session.install("-e", ".[lint,test]")
     session.run("ruff", "check", "watchdog_kv", "tests", "integration", "noxfile.py")
     session.run("ruff", "format", "--check", "watchdog_kv", "tests", "integration", "noxfile.py")
     session.run("mypy", "watchdog_kv")
+    session.run("pytest", "tests/unit", "-m", "not needs_vllm", "-p", "no:cacheprovider")
