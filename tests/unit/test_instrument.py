@@ -273,3 +273,17 @@ def test_every_vllm_method_in_the_table_exists_in_the_installed_vllm():
     from watchdog_kv.instrument import registry
 
     assert registry.missing() == []
+
+
+def test_the_docs_list_every_vllm_touch_point():
+    """docs/architecture.md's table of touch points is the registry's."""
+    from pathlib import Path
+
+    from watchdog_kv.instrument import registry
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "architecture.md").read_text()
+    table = doc[doc.index("### Where watchdog_kv touches vLLM") :]
+    for name, targets in registry.TABLE.items():
+        assert f"`{name}`" in table, name
+        for target in targets:
+            assert f"`{target.label}`" in table or target.label in table, target.label
