@@ -153,9 +153,9 @@ class StallRules:
 
     For each phase it sees (a beacon's pid and sequence number, or an engine's
     wait for outstanding work), it remembers how long the thread had waited for
-    a CPU when first seen, and subtracts what it waited since. Measured: with
-    four vLLM servers on two cores, healthy steps took 5.2-5.4 s; a thread that
-    is runnable but not running is starved, not stuck. A thread blocked in C
+    a CPU when first seen, and subtracts what it waited since: a thread that is
+    runnable but not running is starved, not stuck (docs/step-watchdog.md has
+    the measurement). A thread blocked in C
     (sleeping, GIL held or not), a stopped process or a spinning loop gains no
     run-queue wait, so those are judged on wall time.
     """

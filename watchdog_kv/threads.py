@@ -3,8 +3,8 @@
 vLLM's CPU worker pins its main thread to the OpenMP cores it was given
 (``VLLM_CPU_OMP_THREADS_BIND``), and every thread started after that inherits
 the one-core mask -- ZeroMQ's I/O threads included. A helper thread of ours
-then shares one core with a main thread that spins between steps; measured
-here, lease answers arrived up to 6 s late that way. :func:`start` runs a
+then shares one core with a main thread that spins between steps, and waits
+on it (docs/kv-transfer.md, "Measured here"). :func:`start` runs a
 thread allowed on every CPU, and :func:`zmq_context` makes a ZeroMQ context
 whose I/O threads are born in such a thread.
 """

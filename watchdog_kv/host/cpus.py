@@ -4,9 +4,9 @@ On CPU each vLLM worker binds its OpenMP threads to cores, chosen in the engine
 core (``OMPProcessManager`` in ``vllm/utils/ompmultiprocessing.py``) from
 ``VLLM_CPU_OMP_THREADS_BIND``: ``auto`` (the default) takes every core of a
 NUMA node but those it reserves, the same cores for every server. Two servers
-started by hand on one host then spin their OpenMP threads on the same cores;
-measured on a 2-core machine, a decode's step was held 12.9 s inside
-``start_load_kv`` that way and the step watchdog declared it stalled.
+started by hand on one host then spin their OpenMP threads on the same cores,
+and their steps slow down until the step watchdog may declare them stalled
+(docs/host-problems.md, "Cores and OpenMP bindings").
 
 Each engine core the plugin loads into *claims* its workers' cores in a
 directory shared by every vLLM process of the user on the host

@@ -16,12 +16,11 @@ answers whatever has arrived each time it runs, and the server's own thread,
 which sleeps in ``poll`` and answers as soon as a question arrives. Whichever
 comes first answers. The thread needs the GIL for every question, and a worker
 busy with its own steps on a loaded machine can keep it from the thread for
-seconds (seen here: no verdict within a decode's 10 s deadline while the
-prefill worker was busy, so the decode recomputed); the step holds the GIL
-already. The thread does not wait for the step either: a decode asks right
-after its read, which is when the prefill's steps for that request have just
-stopped (measured here: an earlier version whose thread left the first 0.1 s
-after a step to the step added that 0.1 s to most checks).
+longer than a decode's deadline; the step holds the GIL already. The thread
+does not wait for the step either: a decode asks right after its read, which is
+when the prefill's steps for that request have just stopped, so a thread that
+deferred to the step would add its delay to most checks (both measured:
+docs/kv-transfer.md, "Measured here").
 
 Because a lease is never renewed after release, "kept when asked, after the
 read finished" implies "kept during the read". The decode asks only after its
@@ -148,7 +147,7 @@ class LeaseClient:
     does the network); :meth:`answers` collects whatever has arrived. The
     worker calls both from its step, so the check needs no Python thread of its
     own -- a helper thread would have to win the GIL from a busy engine loop to
-    deliver an answer (measured here: answers delayed by up to 10 s that way).
+    deliver an answer.
     A server that never answers is the caller's deadline to handle.
     """
 

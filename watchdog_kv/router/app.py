@@ -51,7 +51,7 @@ _HTTP = web.AppKey("http", aiohttp.ClientSession)
 
 
 _PROBES = ("live", "ready", "healthy")
-_ALIASES = {"progress": "healthy"}  # the name an earlier release used
+_ALIASES = {"progress": "healthy"}  # another accepted name of the check
 _GONE = ("failed", "stopped")  # server states that do not come back by themselves
 
 
