@@ -63,6 +63,7 @@ class Registration:
     crash_record: str | None = None
     instrumentors: list[Instrumentor] = field(default_factory=list)
     base_hooks: list[str] = field(default_factory=list)  # before the instrumentors'
+    step: Any = None  # the step watch of an engine core or worker
 
 
 _current: Registration | None = None
@@ -139,6 +140,7 @@ def register() -> Registration:
                     if inst.instrument(settings):
                         reg.instrumentors.append(inst)
             reg.hooks = _hooks(reg)
+            _step_watch_needs_its_instrumentor(reg)
             record = process.StatusRecord(
                 pid=reg.pid,
                 ppid=os.getppid(),
@@ -209,7 +211,7 @@ def instrumentors(reg: Registration) -> list[Instrumentor]:
     settings, role = reg.settings, reg.identity.role
     step = None
     if role in ("engine_core", "worker"):
-        step = StepWatch(settings, role)
+        reg.step = step = StepWatch(settings, role)
         logs.set_recorder(step.record)
     connectors = ConnectorInstrumentor(reg.identity.rank, _publisher(reg), step)
     out: list[Instrumentor] = []
@@ -242,9 +244,21 @@ def _hooks(reg: Registration) -> list[str]:
     return out
 
 
+def _step_watch_needs_its_instrumentor(reg: Registration) -> None:
+    """A step watch whose engine-core or worker instrumentor is off would show its
+    start-up phase forever: it is turned off too (its beacon then shows idle)."""
+    if reg.step is None or not reg.step.enabled:
+        return
+    names = {"step.engine_core", "step.worker"}
+    if not any(i.active for i in reg.instrumentors if i.name in names):
+        reg.step.disable()
+
+
 def _hooks_changed(reg: Registration) -> Callable[[], None]:
     def changed() -> None:
         with _lock:
+            if reg.record is not None:  # registration is over: every instrumentor tried
+                _step_watch_needs_its_instrumentor(reg)
             reg.hooks = _hooks(reg)
             if reg.record is not None and current() is reg:
                 reg.record.hooks = list(reg.hooks)

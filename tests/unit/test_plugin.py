@@ -10,7 +10,7 @@ import sys
 import pytest
 
 import watchdog_kv
-from watchdog_kv import guard, plugin
+from watchdog_kv import config, guard, plugin
 
 
 @pytest.fixture
@@ -180,3 +180,22 @@ def test_registration_asks_for_amx_first_and_keeps_a_crash_record(tmp_path):
     else:  # nothing asked, no hook
         assert "host.amx_permission" not in got["hooks"] and got["amx"]["action"] == "none"
     assert after == "False"  # the empty crash record went with the registration
+
+
+def test_a_step_watch_whose_instrumentor_is_off_turns_off(tmp_path):
+    """A worker whose vLLM lacks a method the worker instrumentor needs: no hook is
+    claimed and the step watch shows idle, never a start-up that does not end."""
+    from types import SimpleNamespace
+
+    from watchdog_kv import plugin
+    from watchdog_kv.beacon import Phase, read_beacon
+    from watchdog_kv.step.watch import StepWatch
+
+    settings = config.load({"WATCHDOG_KV_STATE_DIR": str(tmp_path)})
+    step = StepWatch(settings, "worker", pid=31340)
+    assert read_beacon(step.beacon.path)[0].phase is Phase.STARTUP
+    off = SimpleNamespace(name="step.worker", active=False)
+    reg = SimpleNamespace(step=step, instrumentors=[off])
+    plugin._step_watch_needs_its_instrumentor(reg)
+    assert not step.enabled
+    assert read_beacon(step.beacon.path)[0].phase is Phase.IDLE
