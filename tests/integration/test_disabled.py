@@ -1,15 +1,21 @@
 """WATCHDOG_KV_ENABLED=0 on a real vLLM server: the plugin loads, and installs nothing.
 
-It also answers exactly like the supervised service with the plugin on.
+It also answers exactly like the supervised service with the plugin on. On a
+host whose CPU has AMX tiles, stock vLLM with the plugin off dies of SIGILL in
+bf16 (docs/host-problems.md, AMX): there the plain server runs in float32 (the
+documented workaround), and the on/off comparison, which needs the same dtype on
+both sides, is not made -- the test says so with a warning.
 """
 
 from __future__ import annotations
 
 import sys
+import warnings
 
 import pytest
 
 from watchdog_kv import model
+from watchdog_kv.host import amx
 from watchdog_kv.supervisor.process import ManagedProcess
 
 from .conftest import (
@@ -74,6 +80,7 @@ def test_disabled_plugin_installs_nothing_in_any_process(tmp_path, service):
             "--enforce-eager",
             "--max-model-len",
             "512",
+            *(["--dtype", "float32"] if amx.amx_flags() else []),
         ],
         env,
         log,
@@ -90,9 +97,18 @@ def test_disabled_plugin_installs_nothing_in_any_process(tmp_path, service):
         # e. Same prompts, plugin off (this plain server) and on (the supervised
         # prefill/decode service, every hook installed): identical outputs.
         off = _texts(f"http://127.0.0.1:{port}", "tiny")
-        on = _texts(service.url, "watchdog-kv-tiny")
-        assert on == off
         assert all(off)
+        if amx.amx_flags():
+            warnings.warn(
+                pytest.PytestWarning(
+                    "AMX host: the plugin-off server ran in float32 (stock vLLM dies of "
+                    "SIGILL in bf16 here), so its answers were not compared with the "
+                    "plugin-on service's"
+                ),
+                stacklevel=1,
+            )
+        else:
+            assert _texts(service.url, "watchdog-kv-tiny") == off
     finally:
         server.stop(grace=30)
     assert left_in_groups([server.pid]) == []
