@@ -126,8 +126,9 @@ def _watch_scheduler(connector: Any, watch: SchedulerWatch) -> list[Layer]:
         result = wrapped(*args, **kwargs)
         with contained("kv.update_state_after_alloc", on_error=watch._disable):
             request, blocks, num_external = (
-                list(args) + [kwargs.get(k) for k in ("request", "blocks", "num_external_tokens")]
-            )[:3]
+                args[i] if len(args) > i else kwargs[name]
+                for i, name in enumerate(("request", "blocks", "num_external_tokens"))
+            )
             local: list[int] = []
             size = 0
             if watch.awaiting(request.request_id) and num_external > 0:
