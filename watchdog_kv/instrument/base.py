@@ -28,6 +28,7 @@ method a subclass inherits is wrapped where it is defined) and live objects
 from __future__ import annotations
 
 import importlib.util
+import sys
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -151,8 +152,6 @@ class Target:
 def missing_targets(targets: Iterable[Target], import_modules: bool = False) -> list[str]:
     """The required targets the installed vLLM lacks. Modules not yet imported count as
     present unless ``import_modules`` (then they are imported: doctor does this)."""
-    import sys
-
     missing = []
     for target in targets:
         if target.optional:
@@ -242,11 +241,8 @@ class Instrumentor:
                 if module not in _hooked:
                     _hooked.add(module)
                     wrapt.register_post_import_hook(_on_import, module)  # at once if imported
-                else:
-                    import sys
-
-                    if module in sys.modules:
-                        self._module_loaded(sys.modules[module])
+                elif module in sys.modules:
+                    self._module_loaded(sys.modules[module])
             return self.active
 
     def uninstrument(self) -> None:
